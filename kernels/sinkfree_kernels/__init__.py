@@ -1,0 +1,1 @@
+"""Triton attention kernels for sinkfree (depends only on torch and triton)."""
