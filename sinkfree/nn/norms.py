@@ -1,0 +1,140 @@
+"""Residual-stream norms: RMSNorm, zero-centred, DyT, identity, PreAffine and GatedNorm."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sinkfree.nn.params import no_weight_decay
+
+NORM_KINDS = ("rmsnorm", "zero_centered", "dyt", "identity")
+RESIDUAL_SINK_KINDS = ("none", "preaffine", "gatednorm")
+
+
+def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()  # fp32 statistics, as HF Llama does
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) · w, with w init 1 and no weight decay."""
+
+    zero_centered = False
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        init = torch.zeros(dim) if self.zero_centered else torch.ones(dim)
+        self.weight = nn.Parameter(init)
+        if not self.zero_centered:
+            no_weight_decay(self.weight)  # zero-centred keeps decay: it pulls 1 + w towards 1
+
+    def effective_weight(self) -> torch.Tensor:
+        """The multiplicative post-norm weight (C,)."""
+        return 1.0 + self.weight if self.zero_centered else self.weight
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return _rms_normalize(x, self.eps) * self.effective_weight().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._norm(x).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}"
+
+
+class ZeroCenteredRMSNorm(RMSNorm):
+    """y = x / rms(x) · (1 + w), w init 0 and weight-decayed (Qwen3-Next)."""
+
+    zero_centered = True
+
+
+class DyT(nn.Module):
+    """Dynamic tanh, the norm-free ablation: y = tanh(α·x)·w + b, α init 0.5."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, alpha_init: float = 0.5):
+        super().__init__()
+        del eps  # accepted so every norm builds from the same arguments
+        self.alpha = no_weight_decay(nn.Parameter(torch.tensor(float(alpha_init))))
+        self.weight = no_weight_decay(nn.Parameter(torch.ones(dim)))
+        self.bias = no_weight_decay(nn.Parameter(torch.zeros(dim)))
+
+    def effective_weight(self) -> torch.Tensor:
+        """The multiplicative output weight (C,)."""
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.alpha * x) * self.weight + self.bias
+
+
+class IdentityNorm(nn.Module):
+    """No normalisation (the residual-side "remove the norm" ablation)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.register_buffer("_ones", torch.ones(dim), persistent=False)
+
+    def effective_weight(self) -> torch.Tensor:
+        """Ones (C,)."""
+        return self._ones
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class PreAffineRMSNorm(RMSNorm):
+    """RMSNorm(λ ⊙ x) with λ = `pre_scale` init 1 and no weight decay: absorbs residual sinks."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, zero_centered: bool = False):
+        self.zero_centered = zero_centered
+        super().__init__(dim, eps)
+        self.pre_scale = no_weight_decay(nn.Parameter(torch.ones(dim)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._norm(x.float() * self.pre_scale.float()).to(x.dtype)
+
+
+class GatedNorm(RMSNorm):
+    """y = RMSNorm(x); y · gate_scale · σ(W_up SiLU(W_down y)) with a rank-r bottleneck."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, rank: int = 16, identity_init: bool = False,
+                 zero_centered: bool = False):
+        self.zero_centered = zero_centered
+        super().__init__(dim, eps)
+        self.gate_down = nn.Linear(dim, rank, bias=False)  # (C -> r)
+        self.gate_up = nn.Linear(rank, dim, bias=False)  # (r -> C)
+        self.identity_init = identity_init
+        # identity_init: W_up = 0 so σ = 1/2, times 2 is exactly 1 (retrofits); else the paper's σ ≈ 1/2 start.
+        self.gate_scale = 2.0 if identity_init else 1.0
+        if identity_init:
+            nn.init.zeros_(self.gate_up.weight)
+
+    def gate(self, y: torch.Tensor) -> torch.Tensor:
+        """The elementwise gate gate_scale·σ(W_up SiLU(W_down y)), same shape as y."""
+        return self.gate_scale * torch.sigmoid(self.gate_up(F.silu(self.gate_down(y))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y * self.gate(y)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.gate_down.out_features}, gate_scale={self.gate_scale}"
+
+
+def build_norm(kind: str, residual_sink: str, dim: int, eps: float = 1e-5, rank: int = 16,
+               identity_init: bool = False) -> nn.Module:
+    """The norm for `norm=kind` and `residual_sink=residual_sink` over a width-`dim` stream."""
+    if kind not in NORM_KINDS:
+        raise ValueError(f"norm={kind!r} is not one of {list(NORM_KINDS)}")
+    if residual_sink not in RESIDUAL_SINK_KINDS:
+        raise ValueError(f"residual_sink={residual_sink!r} is not one of {list(RESIDUAL_SINK_KINDS)}")
+    if residual_sink != "none" and kind not in ("rmsnorm", "zero_centered"):
+        raise ValueError(f"residual_sink={residual_sink!r} modifies an RMSNorm; it needs norm rmsnorm or "
+                         f"zero_centered, got norm={kind!r}")
+    zc = kind == "zero_centered"
+    if residual_sink == "preaffine":
+        return PreAffineRMSNorm(dim, eps, zero_centered=zc)
+    if residual_sink == "gatednorm":
+        return GatedNorm(dim, eps, rank=rank, identity_init=identity_init, zero_centered=zc)
+    return {"rmsnorm": RMSNorm, "zero_centered": ZeroCenteredRMSNorm, "dyt": DyT,
+            "identity": IdentityNorm}[kind](dim, eps)
