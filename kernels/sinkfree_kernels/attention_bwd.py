@@ -1,0 +1,263 @@
+"""Flash-attention backward in Triton, deterministic (no atomics): a preprocess for delta = rowsum(dO*O) and
+the sink partial sums, a key-major dK/dV kernel (each program owns a key block and walks the query blocks of
+every query head of its GQA group), and a query-major dQ kernel. With the forward's LSE (sink included) the
+usual flash backward is unchanged; the sink gradient is dsink_h = -sum_{b,i} exp(s_h - LSE_bhi) * delta_bhi.
+"""
+
+import triton
+import triton.language as tl
+
+from ._tuning import make_configs, prune_for_tiles
+
+DKDV_CONFIGS = make_configs([
+    (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (64, 64, 8, 3),
+])
+DQ_CONFIGS = make_configs([
+    (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2),
+])
+
+_KEY = ["SEQ_KEY", "HEAD_DIM", "CAUSAL", "SPARSE", "TILE_M", "TILE_N", "HAS_KLEN"]
+_EVEN = {
+    "EVEN_M": lambda a: a["Sq"] % a["BLOCK_M"] == 0,
+    "EVEN_N": lambda a: a["Sk"] % a["BLOCK_N"] == 0,
+}
+
+
+@triton.jit
+def _bwd_preprocess(Out, DO, Lse, DLse, Sink, Delta, DSinkPart,
+                    sob, soh, som, sdb, sdh, sdm, H, Sq, n_blocks,
+                    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_SINK: tl.constexpr,
+                    HAS_DLSE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    inb = rows < Sq
+    o = tl.load(Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None] * som + offs_d[None, :],
+                mask=inb[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + rows[:, None] * sdm + offs_d[None, :],
+                 mask=inb[:, None], other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        # d lse_i / d z_ij = p_ij: an upstream LSE gradient only shifts delta
+        delta -= tl.load(DLse + pid_bh.to(tl.int64) * Sq + rows, mask=inb, other=0.0)
+    tl.store(Delta + pid_bh.to(tl.int64) * Sq + rows, delta, mask=inb)
+    if HAS_SINK:
+        lse = tl.load(Lse + pid_bh.to(tl.int64) * Sq + rows, mask=inb, other=float("-inf"))
+        s = tl.load(Sink + h).to(tl.float32)
+        # rows with LSE -inf (no key, no sink) contribute nothing
+        term = tl.exp(s - tl.where(lse == float("-inf"), float("inf"), lse)) * delta
+        tl.store(DSinkPart + pid_bh * n_blocks + pid_m, tl.sum(term, 0))
+
+
+@triton.jit
+def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_m, offs_n, offs_d,
+                Sq, kend, off, qk_scale, sqm, sdom,
+                MASK: tl.constexpr, CAUSAL: tl.constexpr, LOAD_M: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate one BLOCK_M slice of queries into the dK, dV of this key block (transposed scores)."""
+    rows = start_m + offs_m
+    q_ptrs = q_base + rows[:, None] * sqm + offs_d[None, :]
+    do_ptrs = do_base + rows[:, None] * sdom + offs_d[None, :]
+    if LOAD_M:
+        q = tl.load(q_ptrs, mask=rows[:, None] < Sq, other=0.0)
+        do = tl.load(do_ptrs, mask=rows[:, None] < Sq, other=0.0)
+        lse = tl.load(lse_base + rows, mask=rows < Sq, other=float("inf"))
+        delta = tl.load(delta_base + rows, mask=rows < Sq, other=0.0)
+    else:
+        q = tl.load(q_ptrs)
+        do = tl.load(do_ptrs)
+        lse = tl.load(lse_base + rows)
+        delta = tl.load(delta_base + rows)
+    # rows that saw no key (LSE -inf) must give P = 0: treat their LSE as +inf
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    qkT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+    pT = tl.math.exp2(qkT - lse2[None, :])
+    if MASK:
+        keep = offs_n[:, None] < kend
+        if CAUSAL:
+            keep = keep & (offs_n[:, None] <= rows[None, :] + off)
+        pT = tl.where(keep, pT, 0.0)
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.autotune(configs=DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_for_tiles})
+@triton.heuristics(_EVEN)
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, Lse, Delta, DK, DV, KIdx, KCnt, KLen,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sgb, sgh, sgn,
+    sib, sih, siq, scb, sch,
+    H, HKV, GROUP, Sq, Sk, qk_scale, sm_scale, SEQ_KEY,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr, HAS_KLEN: tl.constexpr,
+    TILE_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_ptrs = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :]
+    v_ptrs = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :]
+    if EVEN_N:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=offs_n[:, None] < Sk, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_n[:, None] < Sk, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    off = Sk - Sq
+    kt = n0 // TILE_N
+    kend = Sk
+    if HAS_KLEN:
+        kend = tl.minimum(kt * TILE_N + tl.load(KLen + kt), Sk)
+
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        do_base = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
+        lse_base = Lse + bh.to(tl.int64) * Sq
+        delta_base = Delta + bh.to(tl.int64) * Sq
+        if SPARSE:
+            cnt = tl.load(KCnt + b * scb + h * sch + kt)
+            idx_ptr = KIdx + b.to(tl.int64) * sib + h.to(tl.int64) * sih + kt * siq
+            for t in range(0, cnt):
+                qt = tl.load(idx_ptr + t)
+                for sub in tl.static_range(TILE_M // BLOCK_M):
+                    dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                         qt * TILE_M + sub * BLOCK_M, offs_m, offs_n, offs_d, Sq, kend, off,
+                                         qk_scale, sqm, sdom, CAUSAL or HAS_KLEN, CAUSAL, not EVEN_M, PREC)
+        else:
+            lo = 0
+            mid = 0
+            if CAUSAL:
+                # rows >= n0 - off see part of this block; rows >= n0 + BLOCK_N - 1 - off see all of it
+                lo = (tl.maximum(n0 - off, 0) // BLOCK_M) * BLOCK_M
+                mid = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M
+                for start_m in range(lo, tl.minimum(mid, Sq), BLOCK_M):
+                    dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_m,
+                                         offs_n, offs_d, Sq, kend, off, qk_scale, sqm, sdom,
+                                         True, True, not EVEN_M, PREC)
+            for start_m in range(mid, Sq, BLOCK_M):
+                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_m,
+                                     offs_n, offs_d, Sq, kend, off, qk_scale, sqm, sdom,
+                                     False, CAUSAL, not EVEN_M, PREC)
+
+    dk = dk * sm_scale
+    dk_ptrs = DK + b.to(tl.int64) * sgb + hk.to(tl.int64) * sgh + offs_n[:, None] * sgn + offs_d[None, :]
+    dv_ptrs = DV + b.to(tl.int64) * sgb + hk.to(tl.int64) * sgh + offs_n[:, None] * sgn + offs_d[None, :]
+    if EVEN_N:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty))
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty))
+    else:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=offs_n[:, None] < Sk)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < Sk)
+
+
+@triton.jit
+def _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, Sk, kend, off, qk_scale,
+              skn, svn, MASK: tl.constexpr, CAUSAL: tl.constexpr, LOAD_N: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate one BLOCK_N slice of keys into dQ of this query block."""
+    cols = start_n + offs_n
+    if LOAD_N:
+        kT = tl.load(k_ptrs + start_n * skn, mask=cols[None, :] < Sk, other=0.0)
+        vT = tl.load(v_ptrs + start_n * svn, mask=cols[None, :] < Sk, other=0.0)
+    else:
+        kT = tl.load(k_ptrs + start_n * skn)
+        vT = tl.load(v_ptrs + start_n * svn)
+    qk = tl.dot(q, kT, input_precision=PREC) * qk_scale
+    p = tl.math.exp2(qk - lse2[:, None])
+    if MASK:
+        keep = cols[None, :] < kend
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + off)
+        p = tl.where(keep, p, 0.0)
+    dp = tl.dot(do, vT, input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
+    return dq
+
+
+@triton.autotune(configs=DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_for_tiles})
+@triton.heuristics(_EVEN)
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, Lse, Delta, DQ, QIdx, QCnt, KLen,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sgb, sgh, sgm,
+    sib, sih, siq, scb, sch,
+    H, GROUP, Sq, Sk, qk_scale, sm_scale, SEQ_KEY,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr, HAS_KLEN: tl.constexpr,
+    TILE_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :]
+    do_ptrs = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + offs_m[:, None] * sdom + offs_d[None, :]
+    if EVEN_M:
+        q = tl.load(q_ptrs)
+        do = tl.load(do_ptrs)
+        lse = tl.load(Lse + pid_bh.to(tl.int64) * Sq + offs_m)
+        delta = tl.load(Delta + pid_bh.to(tl.int64) * Sq + offs_m)
+    else:
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < Sq, other=0.0)
+        do = tl.load(do_ptrs, mask=offs_m[:, None] < Sq, other=0.0)
+        lse = tl.load(Lse + pid_bh.to(tl.int64) * Sq + offs_m, mask=offs_m < Sq, other=float("inf"))
+        delta = tl.load(Delta + pid_bh.to(tl.int64) * Sq + offs_m, mask=offs_m < Sq, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    k_ptrs = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[None, :] * skn + offs_d[:, None]
+    v_ptrs = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[None, :] * svn + offs_d[:, None]
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    off = Sk - Sq
+
+    if SPARSE:
+        qt = m0 // TILE_M
+        cnt = tl.load(QCnt + b * scb + h * sch + qt)
+        idx_ptr = QIdx + b.to(tl.int64) * sib + h.to(tl.int64) * sih + qt * siq
+        for t in range(0, cnt):
+            kt = tl.load(idx_ptr + t)
+            kend = Sk
+            if HAS_KLEN:
+                kend = tl.minimum(kt * TILE_N + tl.load(KLen + kt), Sk)
+            for sub in tl.static_range(TILE_N // BLOCK_N):
+                dq = _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, kt * TILE_N + sub * BLOCK_N, offs_m,
+                               offs_n, Sk, kend, off, qk_scale, skn, svn, CAUSAL or HAS_KLEN, CAUSAL,
+                               not EVEN_N, PREC)
+    else:
+        # keys past Sk load as zeros and add nothing to dQ, so only the causal diagonal needs a mask
+        hi = Sk
+        full_end = Sk
+        if CAUSAL:
+            full_end = tl.minimum((tl.maximum(m0 + off + 1, 0) // BLOCK_N) * BLOCK_N, Sk)
+            hi = tl.minimum(m0 + BLOCK_M + off, Sk)
+        for start_n in range(0, full_end, BLOCK_N):
+            dq = _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, Sk, Sk, off,
+                           qk_scale, skn, svn, False, CAUSAL, not EVEN_N, PREC)
+        for start_n in range(full_end, hi, BLOCK_N):
+            dq = _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, Sk, Sk, off,
+                           qk_scale, skn, svn, True, CAUSAL, not EVEN_N, PREC)
+
+    dq = dq * sm_scale
+    dq_ptrs = DQ + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + offs_m[:, None] * sgm + offs_d[None, :]
+    if EVEN_M:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
+    else:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < Sq)

@@ -1,0 +1,276 @@
+"""Launchers and `torch.library` ops (namespace `sinkfree`) for dense and block-sparse flash attention.
+
+Public entry points: `flash_attention(q, k, v, sink, causal, scale)` and
+`block_sparse_attention(q, k, v, q2k_idx, q2k_cnt, ...)`, both returning (out, lse) and differentiable in
+q, k, v and sink (and lse: its gradient folds into delta). They compile under torch.compile without graph
+breaks (custom ops with fake kernels).
+"""
+
+import math
+from typing import Optional
+
+import torch
+import triton
+
+from ._tuning import seq_bucket
+from .attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
+from .attention_fwd import LOG2E, _attn_fwd
+from .tiles import transpose_lists
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+_PRE_BLOCK = 64
+
+
+def _check_inputs(q, k, v, sink):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"sinkfree attention wants (B, H, S, D) tensors, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    b, hq, _, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must match each other and q's B and D")
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {d} is not supported by the sinkfree Triton kernels: use one of "
+                         f"{SUPPORTED_HEAD_DIMS} (or the 'sdpa' / 'eager' backend)")
+    if hq % k.shape[1]:
+        raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({k.shape[1]})")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one of float16/bfloat16/float32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if sink is not None and sink.shape != (hq,):
+        raise ValueError(f"sink must have shape ({hq},) (one logit per query head), got {tuple(sink.shape)}")
+
+
+def _lastdim_contig(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _tile_args(q, idx, cnt, tile_q, tile_k):
+    """Broadcast tile lists to (B, Hq, Nq, K) / (B, Hq, Nq) views with a contiguous last dim."""
+    b, hq, sq, _ = q.shape
+    if tile_q not in (64, 128) or tile_k not in (64, 128):
+        raise ValueError(f"tile sizes must be 64 or 128, got tile_q={tile_q}, tile_k={tile_k}")
+    nq = triton.cdiv(sq, tile_q)
+    if idx.dim() != 4 or cnt.dim() != 3 or idx.shape[2] != nq or cnt.shape[2] != nq:
+        raise ValueError(f"tile lists must be idx (B, H, {nq}, K) and cnt (B, H, {nq}) for Sq={sq}, "
+                         f"tile_q={tile_q}; got {tuple(idx.shape)} and {tuple(cnt.shape)}")
+    if idx.dtype != torch.int32 or cnt.dtype != torch.int32:
+        raise ValueError("tile lists must be int32")
+    idx = _lastdim_contig(idx.expand(b, hq, nq, idx.shape[3]))
+    cnt = _lastdim_contig(cnt.expand(b, hq, nq))
+    return idx, cnt
+
+
+def _forward(q, k, v, sink, causal, scale, idx=None, cnt=None, klen=None, tile_q=64, tile_k=64):
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
+    out = torch.empty((b, hq, sq, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    sparse = idx is not None
+    sink_t = sink.float().contiguous() if sink is not None else lse
+    if sparse:
+        sib, sih, siq = idx.stride(0), idx.stride(1), idx.stride(2)
+        scb, sch = cnt.stride(0), cnt.stride(1)
+    else:
+        idx = cnt = lse
+        sib = sih = siq = scb = sch = 0
+    klen_t = klen if klen is not None else lse
+
+    def grid(meta):
+        return (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)
+
+    _attn_fwd[grid](
+        q, k, v, out, lse, sink_t, idx, cnt, klen_t,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        sib, sih, siq, scb, sch,
+        hq, hq // hkv, sq, sk, scale * LOG2E, seq_bucket(max(sq, sk)),
+        HEAD_DIM=d, CAUSAL=causal, SPARSE=sparse, HAS_SINK=sink is not None, HAS_KLEN=klen is not None,
+        TILE_M=tile_q, TILE_N=tile_k, PREC=_prec(q.dtype),
+    )
+    return out, lse
+
+
+def _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, idx=None, cnt=None, klen=None,
+              tile_q=64, tile_k=64):
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    q, k, v, dout = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v), _lastdim_contig(dout)
+    dq = torch.empty((b, hq, sq, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((b, hkv, sk, d), dtype=k.dtype, device=q.device)
+    dv = torch.empty((b, hkv, sk, d), dtype=v.dtype, device=q.device)
+    dsink = torch.zeros((hq,) if sink is not None else (0,), dtype=torch.float32, device=q.device)
+    if sq == 0 or sk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), dsink
+    delta = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+    n_pre = triton.cdiv(sq, _PRE_BLOCK)
+    part = torch.empty((b * hq, n_pre), dtype=torch.float32, device=q.device)
+    sink_t = sink.float().contiguous() if sink is not None else lse
+    dlse_t = dlse.float().contiguous() if dlse is not None else lse
+    _bwd_preprocess[(n_pre, b * hq)](
+        out, dout, lse, dlse_t, sink_t, delta, part,
+        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        hq, sq, n_pre, HEAD_DIM=d, BLOCK=_PRE_BLOCK, HAS_SINK=sink is not None, HAS_DLSE=dlse is not None,
+    )
+    if sink is not None:
+        dsink = -part.view(b, hq, -1).sum(dim=(0, 2))
+
+    sparse = idx is not None
+    if sparse:
+        kidx, kcnt = transpose_lists(idx, cnt, triton.cdiv(sk, tile_k))
+        strides_q = (idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1))
+        strides_k = (kidx.stride(0), kidx.stride(1), kidx.stride(2), kcnt.stride(0), kcnt.stride(1))
+    else:
+        idx = cnt = kidx = kcnt = lse
+        strides_q = strides_k = (0, 0, 0, 0, 0)
+    klen_t = klen if klen is not None else lse
+    common = dict(HEAD_DIM=d, CAUSAL=causal, SPARSE=sparse, HAS_KLEN=klen is not None,
+                  TILE_M=tile_q, TILE_N=tile_k, PREC=_prec(q.dtype))
+    key = seq_bucket(max(sq, sk))
+
+    def grid_n(meta):
+        return (triton.cdiv(sk, meta["BLOCK_N"]), b * hkv)
+
+    _attn_bwd_dkdv[grid_n](
+        q, k, v, dout, lse, delta, dk, dv, kidx, kcnt, klen_t,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), *strides_k,
+        hq, hkv, hq // hkv, sq, sk, scale * LOG2E, scale, key, **common,
+    )
+
+    def grid_m(meta):
+        return (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)
+
+    _attn_bwd_dq[grid_m](
+        q, k, v, dout, lse, delta, dq, idx, cnt, klen_t,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), *strides_q,
+        hq, hq // hkv, sq, sk, scale * LOG2E, scale, key, **common,
+    )
+    return dq, dk, dv, dsink
+
+
+# ---- dense op ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("sinkfree::flash_attn_fwd", mutates_args=())
+def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: Optional[torch.Tensor],
+                   causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense flash attention forward: (out, lse)."""
+    return _forward(q, k, v, sink, causal, scale)
+
+
+@flash_attn_fwd.register_fake
+def _(q, k, v, sink, causal, scale):
+    b, h, s, d = q.shape
+    return q.new_empty((b, h, s, d)), q.new_empty((b, h, s), dtype=torch.float32)
+
+
+@torch.library.custom_op("sinkfree::flash_attn_bwd", mutates_args=())
+def flash_attn_bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sink: Optional[torch.Tensor],
+                   causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense flash attention backward: (dq, dk, dv, dsink); dsink is empty without a sink."""
+    return _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale)
+
+
+@flash_attn_bwd.register_fake
+def _(dout, dlse, q, k, v, out, lse, sink, causal, scale):
+    n = q.shape[1] if sink is not None else 0
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty((n,), dtype=torch.float32))
+
+
+def _flash_setup(ctx, inputs, output):
+    q, k, v, sink, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, sink)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _flash_grad(ctx, dout, dlse):
+    q, k, v, out, lse, sink = ctx.saved_tensors
+    dq, dk, dv, dsink = flash_attn_bwd(dout, dlse, q, k, v, out, lse, sink, ctx.causal, ctx.scale)
+    return dq, dk, dv, (dsink if sink is not None else None), None, None
+
+
+flash_attn_fwd.register_autograd(_flash_grad, setup_context=_flash_setup)
+
+
+# ---- block-sparse op --------------------------------------------------------------------------------------
+
+@torch.library.custom_op("sinkfree::block_sparse_attn_fwd", mutates_args=())
+def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q2k_idx: torch.Tensor,
+                          q2k_cnt: torch.Tensor, kv_tile_len: Optional[torch.Tensor], sink: Optional[torch.Tensor],
+                          causal: bool, scale: float, tile_q: int, tile_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse flash attention forward over key-tile lists: (out, lse)."""
+    return _forward(q, k, v, sink, causal, scale, q2k_idx, q2k_cnt, kv_tile_len, tile_q, tile_k)
+
+
+@block_sparse_attn_fwd.register_fake
+def _(q, k, v, q2k_idx, q2k_cnt, kv_tile_len, sink, causal, scale, tile_q, tile_k):
+    b, h, s, d = q.shape
+    return q.new_empty((b, h, s, d)), q.new_empty((b, h, s), dtype=torch.float32)
+
+
+@torch.library.custom_op("sinkfree::block_sparse_attn_bwd", mutates_args=())
+def block_sparse_attn_bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, q2k_idx: torch.Tensor,
+                          q2k_cnt: torch.Tensor, kv_tile_len: Optional[torch.Tensor],
+                          sink: Optional[torch.Tensor], causal: bool, scale: float, tile_q: int,
+                          tile_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block-sparse backward: (dq, dk, dv, dsink), dK/dV key-major over the transposed lists."""
+    return _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, q2k_idx, q2k_cnt, kv_tile_len,
+                     tile_q, tile_k)
+
+
+@block_sparse_attn_bwd.register_fake
+def _(dout, dlse, q, k, v, out, lse, q2k_idx, q2k_cnt, kv_tile_len, sink, causal, scale, tile_q, tile_k):
+    n = q.shape[1] if sink is not None else 0
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty((n,), dtype=torch.float32))
+
+
+def _bs_setup(ctx, inputs, output):
+    q, k, v, idx, cnt, klen, sink, causal, scale, tile_q, tile_k = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, idx, cnt, klen, sink)
+    ctx.args = (causal, scale, tile_q, tile_k)
+
+
+def _bs_grad(ctx, dout, dlse):
+    q, k, v, out, lse, idx, cnt, klen, sink = ctx.saved_tensors
+    causal, scale, tile_q, tile_k = ctx.args
+    dq, dk, dv, dsink = block_sparse_attn_bwd(dout, dlse, q, k, v, out, lse, idx, cnt, klen, sink,
+                                              causal, scale, tile_q, tile_k)
+    return dq, dk, dv, None, None, None, (dsink if sink is not None else None), None, None, None, None
+
+
+block_sparse_attn_fwd.register_autograd(_bs_grad, setup_context=_bs_setup)
+
+
+# ---- public API -------------------------------------------------------------------------------------------
+
+def flash_attention(q, k, v, sink=None, causal=False, scale=None):
+    """Dense flash attention with optional per-head sink logits (fp32, (Hq,)): returns (out, lse)."""
+    _check_inputs(q, k, v, sink)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return flash_attn_fwd(q, k, v, sink, bool(causal), scale)
+
+
+def block_sparse_attention(q, k, v, q2k_idx, q2k_cnt, sink=None, causal=False, scale=None, tile_q=64,
+                           tile_k=64, kv_tile_len=None):
+    """Block-sparse flash attention over key-tile lists idx (B|1, Hq|1, Nq, K) int32 and cnt (B|1, Hq|1, Nq)
+    int32; kv_tile_len (Nk,) int32 gives the real tokens of each padded key tile. Returns (out, lse)."""
+    _check_inputs(q, k, v, sink)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    idx, cnt = _tile_args(q, q2k_idx, q2k_cnt, tile_q, tile_k)
+    if kv_tile_len is not None:
+        kv_tile_len = kv_tile_len.to(device=q.device, dtype=torch.int32).contiguous()
+    return block_sparse_attn_fwd(q, k, v, idx, cnt, kv_tile_len, sink, bool(causal), scale, tile_q, tile_k)
