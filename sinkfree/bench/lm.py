@@ -1,0 +1,110 @@
+"""`sinkfree bench lm`: training throughput and MFU of LLM recipes, side by side in one process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+
+def matmul_peak_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Measured dense matmul rate of this GPU in TFLOP/s (median of triton's do_bench)."""
+    from triton.testing import do_bench
+
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+class StepTimer(L.Callback):
+    """Wall time of each optimizer step after `skip` warm-up steps (synchronised on CUDA)."""
+
+    def __init__(self, skip: int) -> None:
+        self.skip = skip
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self._t0: Optional[float] = None
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step >= self.skip:
+            self._sync()
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._t0 is not None:
+            self._sync()
+            self.times.append(time.perf_counter() - self._t0)
+            ids = batch["input_ids"]
+            self.tokens.append(ids.shape[0] * (ids.shape[1] - 1))
+            self._t0 = None
+
+
+def bench_recipe(recipe: str, steps: int, skip: int, overrides: list[str]) -> dict:
+    """Train `recipe` for `steps` steps and report median step time, tokens/s and model FLOPs/token."""
+    from sinkfree.cli_lightning import SinkfreeCLI
+
+    args = ["--config", recipe, f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0",
+            "--trainer.enable_checkpointing=false", "--trainer.logger=false", *overrides]
+    cli = SinkfreeCLI(args=args, run=False, subclass_mode_model=True, subclass_mode_data=True,
+                      auto_configure_optimizers=False, save_config_callback=None)
+    timer = StepTimer(skip)
+    cli.trainer.callbacks.append(timer)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    step_s = statistics.median(timer.times)
+    tokens = timer.tokens[-1]
+    seq = cli.datamodule.hparams.get("seq_len") if hasattr(cli.datamodule, "hparams") else None
+    seq = seq or cli.model.model.config.block_size
+    fpt = cli.model.model.flops_per_token(seq)
+    return {
+        "recipe": recipe,
+        "params": cli.model.model.num_params(),
+        "step_ms": step_s * 1e3,
+        "tokens_per_s": tokens / step_s,
+        "flops_per_token": fpt,
+        "tflops": tokens * fpt / step_s / 1e12,
+        "steps_timed": len(timer.times),
+        "final_train_loss": float(cli.trainer.callback_metrics.get("train/loss", float("nan"))),
+    }
+
+
+def lm_main(argv: list[str]) -> int:
+    """Entry point of `sinkfree bench lm`."""
+    p = argparse.ArgumentParser(
+        prog="sinkfree bench lm",
+        description="Train each recipe for a few hundred steps on this GPU and compare tokens/s and MFU "
+        "(model FLOPs = 6 x parameters + attention, per token, over the measured bf16 matmul peak).",
+    )
+    p.add_argument("recipes", nargs="+", help="recipe YAML files; the first is the baseline of the ratios")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per recipe (default 200)")
+    p.add_argument("--skip", type=int, default=30, help="warm-up steps left out of the timing (default 30)")
+    p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                   help="extra LightningCLI override for every recipe, e.g. --set=--model.compile=true")
+    p.add_argument("--json", default=None, help="write the results as JSON to this file")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("bench lm needs a CUDA GPU")
+    card = torch.cuda.get_device_name()
+    peak = matmul_peak_tflops()
+    rows = [bench_recipe(r, a.steps, a.skip, a.set) for r in a.recipes]
+    base = rows[0]["tokens_per_s"]
+    print(f"\ncard: {card}   measured bf16 matmul peak: {peak:.0f} TFLOP/s")
+    print(f"{'recipe':40s} {'params':>8s} {'ms/step':>8s} {'tok/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'vs 1st':>6s}")
+    for r in rows:
+        r["mfu"] = r["tflops"] / peak
+        r["ratio_to_first"] = r["tokens_per_s"] / base
+        print(f"{r['recipe']:40s} {r['params'] / 1e6:7.1f}M {r['step_ms']:8.1f} {r['tokens_per_s']:10.0f} "
+              f"{r['tflops']:8.1f} {r['mfu']:6.1%} {r['ratio_to_first']:6.3f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"card": card, "matmul_peak_tflops": peak, "rows": rows}, f, indent=2)
+    return 0
