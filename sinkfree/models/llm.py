@@ -1,0 +1,222 @@
+"""Llama-style decoder with the sink switches: `LLMConfig`, `Block`, `LLM`."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sinkfree.attention import AttentionSpec, check_spec
+from sinkfree.nn import (ATTN_GATE_KINDS, ATTN_SINK_KINDS, MLP, NORM_KINDS, RESIDUAL_SINK_KINDS, Attention,
+                         RotaryEmbedding, build_norm, clip_output)
+from sinkfree.nn import param_groups as _param_groups
+from sinkfree.nn.rope import rope_scaling_type
+from sinkfree.attention.spec import SOFTMAX_KINDS
+
+
+def _choice(field: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is not one of {list(allowed)}")
+
+
+@dataclass
+class LLMConfig:
+    """Architecture of the decoder; field names are the YAML keys under `model.arch`."""
+
+    vocab_size: int = 32000
+    n_layer: int = 12
+    n_embd: int = 768
+    n_head: int = 12
+    n_kv_head: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int | None = None
+    block_size: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_embeddings: bool = False
+    attn_bias: bool = False
+    qk_norm: bool = False
+    attn_gate: str = "none"
+    attn_sink: str = "none"
+    sink_init: float = 0.0
+    residual_sink: str = "none"
+    gatednorm_rank: int = 16
+    gatednorm_identity_init: bool = False
+    norm: str = "rmsnorm"
+    attn_softmax: str = "softmax"
+    outlier_clip: float | None = None
+    attn_backend: str = "sdpa"
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        # YAML `none`/null for the string switches and the clip both mean "off".
+        for name in ("attn_gate", "attn_sink", "residual_sink"):
+            if getattr(self, name) is None:
+                setattr(self, name, "none")
+        if isinstance(self.outlier_clip, str) and self.outlier_clip.lower() == "none":
+            self.outlier_clip = None
+        for name in ("vocab_size", "n_layer", "n_embd", "n_head", "block_size", "gatednorm_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        for name in ("n_kv_head", "head_dim", "intermediate_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"{name}={value!r} must be a positive integer or None")
+        if self.n_head % self.num_kv_heads:
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (GQA groups)")
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; set head_dim "
+                             f"explicitly or choose n_head dividing n_embd")
+        if self.head_size % 2:
+            raise ValueError(f"head_dim={self.head_size} must be even for RoPE")
+        for name in ("rms_norm_eps", "rope_theta", "init_std"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name}={value!r} must be a positive finite number")
+        if not math.isfinite(self.sink_init):
+            raise ValueError(f"sink_init={self.sink_init!r} must be finite")
+        if self.outlier_clip is not None and not (
+                isinstance(self.outlier_clip, (int, float)) and self.outlier_clip > 0
+                and math.isfinite(self.outlier_clip)):
+            raise ValueError(f"outlier_clip={self.outlier_clip!r} must be none or a positive number")
+        _choice("attn_gate", self.attn_gate, ATTN_GATE_KINDS)
+        _choice("attn_sink", self.attn_sink, ATTN_SINK_KINDS)
+        _choice("residual_sink", self.residual_sink, RESIDUAL_SINK_KINDS)
+        _choice("norm", self.norm, NORM_KINDS)
+        _choice("attn_softmax", self.attn_softmax, SOFTMAX_KINDS)
+        if self.residual_sink != "none" and self.norm not in ("rmsnorm", "zero_centered"):
+            raise ValueError(f"residual_sink={self.residual_sink!r} modifies an RMSNorm; it needs norm "
+                             f"rmsnorm or zero_centered, got norm={self.norm!r}")
+        try:
+            rope_scaling_type(self.rope_scaling)
+        except ValueError as err:
+            raise ValueError(f"rope_scaling: {err}") from None
+        check_spec(self.attention_spec, has_sink=self.attn_sink != "none")
+
+    # Derived sizes (the fields stay None so `dataclasses.replace` and YAML round-trips keep defaults).
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads (n_kv_head, or n_head when None)."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_size(self) -> int:
+        """Per-head dim (head_dim, or n_embd // n_head when None)."""
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """SwiGLU hidden size (intermediate_size, or 8/3·n_embd rounded up to a multiple of 64)."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        return -(-int(8 * self.n_embd / 3) // 64) * 64
+
+    @property
+    def attention_spec(self) -> AttentionSpec:
+        """The causal AttentionSpec every layer uses."""
+        return AttentionSpec(backend=self.attn_backend, causal=True, softmax=self.attn_softmax,
+                             logit_clip=self.outlier_clip)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "LLMConfig":
+        """A named preset (tiny, 125m, 350m, 1b) with fields overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown LLM preset {name!r}; allowed: {list(PRESETS)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown LLMConfig fields {unknown}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(vocab_size=4096, n_layer=4, n_embd=128, n_head=4, n_kv_head=2, block_size=256),
+    "125m": dict(n_layer=12, n_embd=768, n_head=12),
+    "350m": dict(n_layer=24, n_embd=1024, n_head=16),
+    # Llama-3.2-1B shapes: GQA 32/8, head 64, SwiGLU 8192, tied, theta 5e5 with llama3 scaling.
+    "1b": dict(vocab_size=128256, n_layer=16, n_embd=2048, n_head=32, n_kv_head=8, head_dim=64,
+               intermediate_size=8192, block_size=4096, rope_theta=500000.0, tie_embeddings=True,
+               rope_scaling={"type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+
+
+class Block(nn.Module):
+    """Pre-norm block: h = x + clip(attn(attn_norm(x))); out = h + clip(mlp(mlp_norm(h)))."""
+
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        c = config
+        norm_args = (c.norm, c.residual_sink, c.n_embd, c.rms_norm_eps, c.gatednorm_rank,
+                     c.gatednorm_identity_init)
+        self.attn_norm = build_norm(*norm_args)
+        self.attn = Attention(c.n_embd, c.n_head, c.num_kv_heads, c.head_size, bias=c.attn_bias,
+                              qk_norm=c.qk_norm, norm_eps=c.rms_norm_eps, gate=c.attn_gate, sink=c.attn_sink,
+                              sink_init=c.sink_init, spec=c.attention_spec)
+        self.mlp_norm = build_norm(*norm_args)
+        self.mlp = MLP(c.n_embd, c.mlp_hidden)
+        self.clip = c.outlier_clip
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, S, C) -> residual stream after this block (B, S, C)."""
+        h = x + clip_output(self.attn(self.attn_norm(x), rope), self.clip)
+        return h + clip_output(self.mlp(self.mlp_norm(h)), self.clip)
+
+
+class LLM(nn.Module):
+    """Decoder-only language model: embed -> Blocks -> norm -> lm_head (or tied embedding)."""
+
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        c = self.config = config
+        self.embed = nn.Embedding(c.vocab_size, c.n_embd)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.norm = build_norm(c.norm, c.residual_sink, c.n_embd, c.rms_norm_eps, c.gatednorm_rank,
+                               c.gatednorm_identity_init)
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(c.head_size, c.rope_theta, c.rope_scaling, c.block_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(init_std) weights; residual writes (o_proj, down_proj) scaled by 1/sqrt(2·n_layer)."""
+        c = self.config
+        out_std = c.init_std / math.sqrt(2 * c.n_layer)
+        nn.init.normal_(self.embed.weight, std=c.init_std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=c.init_std)
+        for block in self.layers:
+            block.attn.reset_parameters(c.init_std, out_std)
+            block.mlp.reset_parameters(c.init_std, out_std)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, S) -> logits (B, S, vocab_size)."""
+        s = idx.shape[1]
+        if s > self.config.block_size:
+            raise ValueError(f"sequence length {s} exceeds block_size={self.config.block_size}")
+        x = self.embed(idx)  # (B, S, C)
+        rope = self.rope(s)  # (S, D) each
+        for block in self.layers:
+            x = block(x, rope)
+        x = self.norm(x)
+        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Parameter count; exclude_embedding drops the lookup table (kept when tied: it is the head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding and self.lm_head is not None:
+            n -= self.embed.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6·N (matmul params) + 12·L·H·D·S (attention), for MFU."""
+        c = self.config
+        return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_layer * c.n_head * c.head_size * seq_len
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay on matmul weights and embeddings; none on gains, biases, sinks."""
+        return _param_groups(self, weight_decay)
