@@ -41,6 +41,7 @@ class LLMConfig:
     attn_bias: bool = False
     qk_norm: bool = False
     attn_gate: str = "none"
+    attn_gate_identity_init: bool = False
     attn_sink: str = "none"
     sink_init: float = 0.0
     residual_sink: str = "none"
@@ -157,7 +158,8 @@ class Block(nn.Module):
         self.attn_norm = build_norm(*norm_args)
         self.attn = Attention(c.n_embd, c.n_head, c.num_kv_heads, c.head_size, bias=c.attn_bias,
                               qk_norm=c.qk_norm, norm_eps=c.rms_norm_eps, gate=c.attn_gate, sink=c.attn_sink,
-                              sink_init=c.sink_init, spec=c.attention_spec)
+                              sink_init=c.sink_init, spec=c.attention_spec,
+                              gate_identity_init=c.attn_gate_identity_init)
         self.mlp_norm = build_norm(*norm_args)
         self.mlp = MLP(c.n_embd, c.mlp_hidden)
         self.clip = c.outlier_clip

@@ -18,7 +18,8 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, n_head: int, n_kv_head: int | None = None, head_dim: int | None = None, *,
                  bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-5, gate: str = "none",
-                 sink: str = "none", sink_init: float = 0.0, spec: AttentionSpec | None = None):
+                 sink: str = "none", sink_init: float = 0.0, spec: AttentionSpec | None = None,
+                 gate_identity_init: bool = False):
         super().__init__()
         n_kv_head = n_kv_head or n_head
         head_dim = head_dim or dim // n_head
@@ -43,6 +44,9 @@ class Attention(nn.Module):
         # gate column h*D + d multiplies head h, dim d (elementwise); column h multiplies head h (headwise).
         gate_out = {"none": 0, "headwise": n_head, "elementwise": n_head * head_dim}[gate]
         self.gate_proj = nn.Linear(dim, gate_out, bias=False) if gate_out else None
+        # gate_identity_init (retrofits): zero gate weights and 2·σ(·), so the gate starts as exactly 1.
+        self.gate_identity_init = gate_identity_init
+        self.gate_scale = 2.0 if gate_identity_init else 1.0
         if sink == "learnable":
             self.sink = no_weight_decay(nn.Parameter(torch.full((n_head,), float(sink_init))))
         elif sink == "off_by_one":
@@ -60,6 +64,8 @@ class Attention(nn.Module):
                 if lin.bias is not None:
                     nn.init.zeros_(lin.bias)
         nn.init.normal_(self.o_proj.weight, std=out_std)
+        if self.gate_proj is not None and self.gate_identity_init:
+            nn.init.zeros_(self.gate_proj.weight)
         if self.sink_kind == "learnable":
             with torch.no_grad():
                 self.sink.fill_(self.sink_init)
@@ -88,7 +94,7 @@ class Attention(nn.Module):
         out = out.transpose(1, 2)  # (B, S, H, D)
         gate = None
         if self.gate_proj is not None:
-            gate = torch.sigmoid(self.gate_proj(x)).view(b, s, self.n_head, -1)  # (B, S, H, D or 1)
+            gate = self.gate_scale * torch.sigmoid(self.gate_proj(x)).view(b, s, self.n_head, -1)  # (B,S,H,D|1)
             out = out * gate
         if self.capture is not None:
             self.capture["gate"] = None if gate is None else gate.detach()
