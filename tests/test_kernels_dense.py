@@ -1,0 +1,99 @@
+"""Dense Triton flash attention vs the fp32 reference (CPU: interpreter with fp16/fp32, small shapes)."""
+import pytest
+import torch
+
+from kernel_checks import compare, make_qkv, rel_err
+from sinkfree_kernels import attention_reference, flash_attention
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")
+
+TOL = {torch.float32: 2e-5, torch.float16: 1e-2}
+
+
+def _dense(causal):
+    def fn(q, k, v, sink=None):
+        return flash_attention(q, k, v, sink, causal)
+
+    def ref(q, k, v, sink=None):
+        return attention_reference(q, k, v, sink, causal)
+
+    return fn, ref
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("b,hq,hkv,sq,sk,d,dtype", [
+    (2, 4, 2, 100, 100, 64, torch.float32),   # GQA, S not a multiple of the block
+    (1, 2, 2, 70, 150, 64, torch.float32),    # Sq < Sk (causal: bottom-right)
+    (2, 2, 1, 130, 67, 64, torch.float16),    # Sq > Sk: some causal rows see no key
+    (1, 2, 1, 64, 128, 128, torch.float16),   # D = 128, exact multiples
+])
+def test_dense_with_sink(causal, b, hq, hkv, sq, sk, d, dtype):
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype)
+    sink = torch.randn(hq).requires_grad_()
+    fn, ref = _dense(causal)
+    compare(fn, ref, [q, k, v, sink], TOL[dtype])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_without_sink_and_lse_grad(causal):
+    q, k, v = make_qkv(2, 2, 2, 90, 90, 64, torch.float32)
+    fn, ref = _dense(causal)
+    compare(fn, ref, [q, k, v], TOL[torch.float32], dlse_weight=0.5)
+
+
+def test_sink_minus_inf_is_plain_attention():
+    q, k, v = make_qkv(1, 2, 1, 80, 80, 64, torch.float32)
+    sink = torch.full((2,), float("-inf"), requires_grad=True)
+    out, lse = flash_attention(q, k, v, sink, causal=True)
+    plain, plain_lse = flash_attention(q, k, v, None, causal=True)
+    assert rel_err(out, plain) < 1e-6 and torch.allclose(lse, plain_lse)
+    out.sum().backward()
+    assert sink.grad is not None and torch.all(sink.grad == 0)
+
+
+def test_sink_mass_matches_lse():
+    # p_sink = exp(s - LSE): the sink takes what the keys do not
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 64, torch.float32, outliers=False)
+    sink = torch.tensor([0.0, 3.0])
+    _, lse = flash_attention(q, k, v, sink)
+    _, lse_plain = flash_attention(q, k, v)
+    expect = torch.logaddexp(lse_plain, sink.view(1, 2, 1))
+    assert torch.allclose(lse, expect, atol=1e-5)
+
+
+def test_rows_without_keys_are_zero():
+    q, k, v = make_qkv(1, 1, 1, 100, 30, 64, torch.float32)
+    out, lse = flash_attention(q, k, v, causal=True)  # rows i < 70 see no key
+    assert torch.all(out[:, :, :70] == 0) and torch.all(torch.isneginf(lse[:, :, :70]))
+    assert torch.isfinite(lse[:, :, 70:]).all()
+
+
+def test_deterministic_backward():
+    q, k, v = make_qkv(1, 4, 2, 100, 100, 64, torch.float32)
+    sink = torch.randn(4).requires_grad_()
+    dout = torch.randn(1, 4, 100, 64)
+    grads = []
+    for _ in range(2):
+        out, _ = flash_attention(q, k, v, sink, causal=True)
+        grads.append(torch.autograd.grad((out * dout).sum(), (q, k, v, sink)))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(d=80), "head dim 80"),
+    (dict(hkv=3), "multiple of kv heads"),
+])
+def test_bad_inputs(bad, match):
+    shape = dict(b=1, hq=4, hkv=2, sq=16, sk=16, d=64) | bad
+    q = torch.randn(shape["b"], shape["hq"], shape["sq"], shape["d"])
+    k = torch.randn(shape["b"], shape["hkv"], shape["sk"], shape["d"])
+    with pytest.raises(ValueError, match=match):
+        flash_attention(q, k, k)
+
+
+def test_bad_sink_and_dtype():
+    q = torch.randn(1, 2, 16, 64)
+    with pytest.raises(ValueError, match="sink must have shape"):
+        flash_attention(q, q, q, torch.zeros(3))
+    with pytest.raises(ValueError, match="share one of"):
+        flash_attention(q, q.half(), q)

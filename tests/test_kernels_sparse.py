@@ -1,0 +1,101 @@
+"""Block-sparse Triton flash attention vs the fp32 reference with the same token mask (CPU: interpreter)."""
+import pytest
+import torch
+
+from kernel_checks import compare, make_qkv, rel_err
+from sinkfree_kernels import (block_sparse_attention, block_sparse_attention_reference, flash_attention,
+                              lists_from_map, map_from_lists, random_lists, transpose_lists)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")
+TOL = {torch.float32: 2e-5, torch.float16: 1e-2}
+
+
+def _sparse(idx, cnt, causal, tq, tk, klen=None):
+    def fn(q, k, v, sink=None):
+        return block_sparse_attention(q, k, v, idx, cnt, sink, causal, tile_q=tq, tile_k=tk, kv_tile_len=klen)
+
+    def ref(q, k, v, sink=None):
+        return block_sparse_attention_reference(q, k, v, idx, cnt, sink, causal, tile_q=tq, tile_k=tk,
+                                                kv_tile_len=klen)
+
+    return fn, ref
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("b,hq,hkv,sq,sk,tq,tk,dtype", [
+    (2, 4, 2, 150, 150, 64, 64, torch.float32),
+    (1, 2, 1, 100, 260, 64, 128, torch.float32),
+    (2, 2, 2, 200, 130, 128, 64, torch.float16),
+])
+def test_random_lists_with_sink(causal, b, hq, hkv, sq, sk, tq, tk, dtype):
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, 64, dtype)
+    idx, cnt = random_lists(b, hq, sq, sk, tq, tk, 0.5)
+    cnt[0, 0, 0] = 0  # one empty list
+    sink = torch.randn(hq).requires_grad_()
+    fn, ref = _sparse(idx, cnt, causal, tq, tk)
+    compare(fn, ref, [q, k, v, sink], TOL[dtype])
+
+
+def test_empty_lists_give_zero_and_minus_inf():
+    q, k, v = make_qkv(1, 2, 2, 128, 128, 64, torch.float32)
+    idx = torch.zeros(1, 2, 2, 2, dtype=torch.int32)
+    cnt = torch.tensor([[[0, 1], [0, 0]]], dtype=torch.int32)
+    out, lse = block_sparse_attention(q, k, v, idx, cnt)
+    assert torch.all(out[0, 0, :64] == 0) and torch.all(torch.isneginf(lse[0, 0, :64]))
+    assert torch.all(out[0, 1] == 0) and torch.isfinite(lse[0, 0, 64:]).all()
+    sink = torch.tensor([0.5, -1.0], requires_grad=True)
+    out, lse = block_sparse_attention(q, k, v, idx, cnt, sink)  # with a sink: out 0, LSE = s_h
+    assert torch.all(out[0, 1] == 0) and torch.allclose(lse[0, 1], torch.full((128,), -1.0))
+    fn, ref = _sparse(idx, cnt, False, 64, 64)
+    compare(fn, ref, [q, k, v, sink], TOL[torch.float32])
+
+
+def test_padded_key_tiles():
+    # VSA layout: 3 key tiles of 64 slots holding 64, 40 and 17 real tokens
+    q, k, v = make_qkv(2, 2, 2, 192, 192, 64, torch.float32)
+    klen = torch.tensor([64, 40, 17], dtype=torch.int32)
+    idx, cnt = random_lists(2, 2, 192, 192, 64, 64, 0.7)
+    fn, ref = _sparse(idx, cnt, False, 64, 64, klen)
+    compare(fn, ref, [q, k, v, torch.randn(2).requires_grad_()], TOL[torch.float32])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_all_tiles_equal_dense(causal):
+    q, k, v = make_qkv(1, 4, 2, 140, 140, 64, torch.float32)
+    n = 3
+    idx = torch.arange(n, dtype=torch.int32).expand(1, 1, n, n)  # broadcast over batch and heads
+    cnt = torch.full((1, 1, n), n, dtype=torch.int32)
+    sink = torch.randn(4)
+    out, lse = block_sparse_attention(q, k, v, idx, cnt, sink, causal)
+    dense, dense_lse = flash_attention(q, k, v, sink, causal)
+    assert rel_err(out, dense) < 1e-6 and torch.allclose(lse, dense_lse, atol=1e-5)
+
+
+def test_list_helpers_roundtrip():
+    g = torch.Generator().manual_seed(0)
+    tmap = torch.rand(2, 3, 5, 7, generator=g) < 0.4
+    idx, cnt = lists_from_map(tmap)
+    assert torch.equal(map_from_lists(idx, cnt, 7), tmap)
+    kidx, kcnt = transpose_lists(idx, cnt, 7)
+    assert torch.equal(map_from_lists(kidx, kcnt, 5), tmap.transpose(-1, -2))
+    valid = torch.arange(kidx.shape[-1]) < kcnt[..., None]
+    ordered = torch.where(valid, kidx, 10**6)
+    assert torch.all(ordered[..., 1:] >= ordered[..., :-1])  # ascending, deterministic
+
+
+def test_random_lists_keep_diagonal():
+    idx, cnt = random_lists(1, 2, 512, 512, 64, 64, 0.25, generator=torch.Generator().manual_seed(3))
+    tmap = map_from_lists(idx, cnt, 8)
+    assert torch.all(cnt == 2) and torch.all(tmap.diagonal(dim1=-2, dim2=-1))
+
+
+def test_bad_tile_lists():
+    q = torch.randn(1, 2, 100, 64)
+    idx = torch.zeros(1, 2, 3, 1, dtype=torch.int32)
+    cnt = torch.ones(1, 2, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="tile lists must be"):
+        block_sparse_attention(q, q, q, idx, cnt)  # 100 tokens are 2 tiles of 64, not 3
+    with pytest.raises(ValueError, match="64 or 128"):
+        block_sparse_attention(q, q, q, idx[:, :, :1], cnt[:, :, :1], tile_q=100, tile_k=100)
+    with pytest.raises(ValueError, match="int32"):
+        block_sparse_attention(q, q, q, idx[:, :, :2].long(), cnt[:, :, :2])
