@@ -116,7 +116,10 @@ def collect(model: nn.Module, input_ids: Tensor, map_layers: Sequence[int] = ())
                 a.capture = {}
         handles = [block.register_forward_hook(hook(i)) for i, block in enumerate(layers)]
         with torch.autocast(input_ids.device.type, enabled=False):
-            model(input_ids)
+            # A model compiled in place (`model.compile()`) runs eagerly here: the probe's hooks and
+            # capture path would otherwise trigger a recompile at every probe.
+            eager = getattr(model, "_compiled_call_impl", None) is not None
+            (model._call_impl if eager else model)(input_ids)
     finally:
         for h in handles:
             h.remove()
