@@ -5,6 +5,8 @@ import os
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# SINKFREE_AUTOTUNE=0 keeps only the first (default) config of each kernel: quick compiles for tests
+AUTOTUNE = os.environ.get("SINKFREE_AUTOTUNE", "1") != "0"
 
 
 def seq_bucket(n: int) -> int:
@@ -17,6 +19,8 @@ def make_configs(specs):
     config, since the autotuner cannot time there."""
     if INTERPRET:
         specs = [(64, 64, 4, 2)]
+    elif not AUTOTUNE:
+        specs = specs[:1]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in specs]
 
 
