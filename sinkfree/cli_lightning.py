@@ -83,6 +83,7 @@ class SinkfreeCLI(LightningCLI):
 
 def run_lightning_cli(argv: list[str]) -> None:
     """Run one LightningCLI verb (`fit`, `validate`, `test`, `predict`) with `argv` (verb first)."""
+    sys.argv = sys.argv[:1]  # the verb's options come through `args`; LightningCLI warns when both are set
     try:
         SinkfreeCLI(
             args=argv,
