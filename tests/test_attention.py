@@ -4,9 +4,17 @@ import math
 import pytest
 import torch
 
-from sinkfree.attention import (AttentionSpec, BackendInfo, attend, attend_with_probs, check_spec, get_backend,
-                                list_backends, register_backend)
-from sinkfree.attention import registry
+from sinkfree.attention import (
+    AttentionSpec,
+    BackendInfo,
+    attend,
+    attend_with_probs,
+    check_spec,
+    get_backend,
+    list_backends,
+    register_backend,
+    registry,
+)
 
 
 def naive(q, k, v, causal, sink=None, softmax="softmax", scale=None, clip=None):

@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from sinkfree.attention import BackendInfo, register_backend
-from sinkfree.attention import registry
+from sinkfree.attention import BackendInfo, register_backend, registry
 from sinkfree.models import LLM, LLMConfig, generate
 from sinkfree.nn import GatedNorm
 

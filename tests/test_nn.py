@@ -6,9 +6,22 @@ import torch
 import torch.nn.functional as F
 
 from sinkfree.attention import AttentionSpec
-from sinkfree.nn import (MLP, Attention, DyT, GatedNorm, IdentityNorm, PreAffineRMSNorm, RMSNorm,
-                         RotaryEmbedding, ZeroCenteredRMSNorm, apply_rope, build_norm, clip_output,
-                         rope_inv_freq, rotate_half)
+from sinkfree.nn import (
+    MLP,
+    Attention,
+    DyT,
+    GatedNorm,
+    IdentityNorm,
+    PreAffineRMSNorm,
+    RMSNorm,
+    RotaryEmbedding,
+    ZeroCenteredRMSNorm,
+    apply_rope,
+    build_norm,
+    clip_output,
+    rope_inv_freq,
+    rotate_half,
+)
 
 
 def x_like(*shape, seed=0, dtype=torch.float32):
@@ -143,7 +156,7 @@ def ref_inv_freq(d, theta, scaling):
     for i, f in enumerate(freqs):
         r = min(max((i - lo) / (hi - lo), 0.0), 1.0)  # 0: keep (extrapolate), 1: divide by factor
         out.append(f * (1 - r) + f / factor * r)
-    mscale = lambda s, m=1.0: 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0  # noqa: E731
+    mscale = lambda s, m=1.0: 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
     if "mscale" in scaling:
         att = mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
     else:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from sinkfree.attention.spec import AttentionSpec
 

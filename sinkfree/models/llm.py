@@ -10,11 +10,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from sinkfree.attention import AttentionSpec, check_spec
-from sinkfree.nn import (ATTN_GATE_KINDS, ATTN_SINK_KINDS, MLP, NORM_KINDS, RESIDUAL_SINK_KINDS, Attention,
-                         RotaryEmbedding, build_norm, clip_output)
+from sinkfree.attention.spec import SOFTMAX_KINDS
+from sinkfree.nn import (
+    ATTN_GATE_KINDS,
+    ATTN_SINK_KINDS,
+    MLP,
+    NORM_KINDS,
+    RESIDUAL_SINK_KINDS,
+    Attention,
+    RotaryEmbedding,
+    build_norm,
+    clip_output,
+)
 from sinkfree.nn import param_groups as _param_groups
 from sinkfree.nn.rope import rope_scaling_type
-from sinkfree.attention.spec import SOFTMAX_KINDS
 
 
 def _choice(field: str, value, allowed) -> None:
@@ -124,7 +133,7 @@ class LLMConfig:
                              logit_clip=self.outlier_clip)
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "LLMConfig":
+    def from_name(cls, name: str, **overrides) -> LLMConfig:
         """A named preset (tiny, 125m, 350m, 1b) with fields overridden by keyword."""
         if name not in PRESETS:
             raise ValueError(f"unknown LLM preset {name!r}; allowed: {list(PRESETS)}")
