@@ -269,3 +269,17 @@ def test_generate_stops_at_eos():
     first = generate(model, prompt, 1)[0, -1].item()
     out = generate(model, prompt, 6, eos_id=first)
     assert out.shape == (1, 6) and out[0, -1].item() == first
+
+
+@pytest.mark.parametrize("gate", ["headwise", "elementwise"])
+def test_attn_gate_identity_init_model_equals_plain(gate):
+    torch.manual_seed(0)
+    plain = LLM(tiny())
+    gated = LLM(tiny(attn_gate=gate, attn_gate_identity_init=True))
+    gated.load_state_dict(plain.state_dict(), strict=False)
+    assert gated.layers[0].attn.gate_proj.weight.abs().sum() == 0
+    x = ids()
+    assert torch.equal(gated(x), plain(x))
+    default = LLM(tiny(attn_gate=gate))
+    default.load_state_dict(plain.state_dict(), strict=False)
+    assert not torch.allclose(default(x), plain(x))
