@@ -100,8 +100,7 @@ def test_probe_batch(cache):
 def test_local_files(tmp_path, cache):
     (tmp_path / "a.txt").write_text("plain text file one. " * 40)
     with open(tmp_path / "b.jsonl", "w") as f:
-        for i in range(20):
-            f.write(json.dumps({"body": f"json line {i} " * 10, "id": i}) + "\n")
+        f.writelines(json.dumps({"body": f"json line {i} " * 10, "id": i}) + "\n" for i in range(20))
     pq.write_table(pa.table({"body": [f"parquet row {i} " * 10 for i in range(20)]}), tmp_path / "c.parquet")
     src = resolve_source([str(tmp_path / "a.txt"), str(tmp_path / "*.jsonl"), str(tmp_path / "c.parquet")], "body")
     docs = list(src.documents())
@@ -114,11 +113,14 @@ def test_local_files(tmp_path, cache):
     text = dm.tokenizer.decode(next(iter(dm.train_dataloader()))["input_ids"][0].tolist())
     assert any(w in text for w in ("plain", "json", "parquet", "row", "line", "file"))
     assert len(dm.val_dataset) > 0
-    # a single .txt file still gets a validation set (the tail of its tokens)
-    one = TextDataModule(data=str(tmp_path / "a.txt"), vocab_size=280, seq_len=8, batch_size=2,
-                         cache_dir=str(cache), progress=False)
-    one.setup()
-    assert len(one.val_dataset) > 0 and len(one.train_dataset) > 0
+    # a single .txt file gets train and val (split by tokens), whichever side its name hashes to
+    for want_val in (False, True):
+        name = next(f"one{i}.txt" for i in range(100) if is_val_document(str(tmp_path / f"one{i}.txt"), 0.3) == want_val)
+        (tmp_path / name).write_text("plain text file one. " * 40)
+        one = TextDataModule(data=str(tmp_path / name), vocab_size=280, seq_len=8, batch_size=2, val_fraction=0.3,
+                             cache_dir=str(cache), progress=False)
+        one.setup()
+        assert len(one.val_dataset) > 0 and len(one.train_dataset) > 0
 
 
 def test_bad_inputs(tmp_path):

@@ -3,7 +3,14 @@
 import pytest
 
 import sinkfree.data.tokenizer as tokmod
-from sinkfree.data import StdlibCorpus, get_or_train_tokenizer, load_tokenizer, special_token_ids, tokenizer_main, train_tokenizer
+from sinkfree.data import (
+    StdlibCorpus,
+    get_or_train_tokenizer,
+    load_tokenizer,
+    special_token_ids,
+    tokenizer_main,
+    train_tokenizer,
+)
 
 TEXTS = ["def f(x):\n    return x + 1\n", "The quick brown fox — naïve café ☕ jumps.\n\n\tTabs too.", "x" * 50]
 

@@ -12,13 +12,13 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
 from tokenizers import Tokenizer
+from torch.utils.data import Dataset, DistributedSampler
 from tqdm import tqdm
 
 from .sources import Document, is_val_document, stable_hash
@@ -71,23 +71,23 @@ class _StreamWriter:
         np.save(self.folder / f"{self.split}_docs.npy", np.asarray(self.doc_starts, dtype=np.int64))
 
 
-def _split_tail_as_val(folder: Path, train: _StreamWriter, val: _StreamWriter, val_fraction: float) -> None:
-    """When hashing put no document in val (say, one big .txt), move the last `val_fraction` of tokens there."""
+def _split_tail_as_val(folder: Path, train: _StreamWriter, val_fraction: float) -> _StreamWriter:
+    """Move the last `val_fraction` of the train tokens into a new val stream (for data with very few documents)."""
     tokens = np.fromfile(folder / "train.bin", dtype=train.dtype)
     cut = int(len(tokens) * (1 - val_fraction))
-    if cut <= 0 or cut >= len(tokens) - 1:
-        return
-    val.file = open(folder / "val.bin", "wb")
-    val.file.write(tokens[cut:].tobytes())
-    val.n_tokens = len(tokens) - cut
-    starts = np.asarray(train.doc_starts, dtype=np.int64)
-    val.doc_starts = [0] + [int(s - cut) for s in starts[starts > cut]]
+    val = _StreamWriter(folder, "val", train.dtype)
+    if 0 < cut < len(tokens) - 1:
+        val.file.write(tokens[cut:].tobytes())
+        val.n_tokens = len(tokens) - cut
+        starts = np.asarray(train.doc_starts, dtype=np.int64)
+        val.doc_starts = [0] + [int(s - cut) for s in starts[starts > cut]]  # val begins mid-document
+        with open(folder / "train.bin", "r+b") as f:
+            f.truncate(cut * train.dtype.itemsize)
+        train.n_tokens = cut
+        train.doc_starts = [int(s) for s in starts[starts < cut]]
+        np.save(folder / "train_docs.npy", np.asarray(train.doc_starts, dtype=np.int64))
     val.close()
-    with open(folder / "train.bin", "r+b") as f:
-        f.truncate(cut * train.dtype.itemsize)
-    train.n_tokens = cut
-    train.doc_starts = [int(s) for s in starts[starts < cut]]
-    np.save(folder / "train_docs.npy", np.asarray(train.doc_starts, dtype=np.int64))
+    return val
 
 
 def build_token_cache(folder: Path, train_docs: Iterator[Document], val_docs: Iterator[Document] | None,
@@ -117,8 +117,13 @@ def build_token_cache(folder: Path, train_docs: Iterator[Document], val_docs: It
                     writers[split].add(enc.ids + [eos_id])
         for w in writers.values():
             w.close()
-        if val_docs is None and val_fraction > 0 and writers["val"].n_tokens == 0:
-            _split_tail_as_val(tmp, writers["train"], writers["val"], val_fraction)
+        if val_docs is None and val_fraction > 0 and 0 in (writers["train"].n_tokens, writers["val"].n_tokens):
+            # Hashing sent every document to one side (say, a single .txt file): split by tokens instead.
+            if writers["train"].n_tokens == 0:
+                for suffix in (".bin", "_docs.npy"):
+                    os.replace(tmp / f"val{suffix}", tmp / f"train{suffix}")
+                writers["train"], writers["train"].split = writers["val"], "train"
+            writers["val"] = _split_tail_as_val(tmp, writers["train"], val_fraction)
         meta = {"format": CACHE_FORMAT, "dtype": dtype.name, "vocab_size": tok.get_vocab_size(),
                 "train_tokens": writers["train"].n_tokens, "val_tokens": writers["val"].n_tokens,
                 "train_documents": len(writers["train"].doc_starts), "val_documents": len(writers["val"].doc_starts)}

@@ -12,9 +12,9 @@ import json
 import os
 import sys
 import sysconfig
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 Document = tuple[str, str]
 

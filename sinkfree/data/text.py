@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
 
 import lightning as L
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
-from tokenizers import Tokenizer
 
-from .packing import PackedTextDataset, ResumableShuffleSampler, TokenStream, build_token_cache, token_cache_key
+from .packing import (
+    PackedTextDataset,
+    ResumableShuffleSampler,
+    TokenStream,
+    build_token_cache,
+    token_cache_key,
+)
 from .sources import HFDatasetSource, resolve_source
 from .tokenizer import MIN_VOCAB, default_cache_dir, get_or_train_tokenizer, load_tokenizer, special_token_ids
 
@@ -41,21 +46,21 @@ class TextDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        data: Optional[Union[str, list[str]]] = None,
+        data: str | list[str] | None = None,
         text_field: str = "text",
-        tokenizer: Optional[str] = None,
+        tokenizer: str | None = None,
         vocab_size: int = 8192,
         seq_len: int = 512,
         batch_size: int = 8,
         num_workers: int = 0,
         bos_at_doc_start: bool = False,
         val_fraction: float = 0.05,
-        val_split: Optional[str] = None,
+        val_split: str | None = None,
         streaming: bool = False,
-        cache_dir: Optional[str] = None,
+        cache_dir: str | None = None,
         seed: int = 0,
-        max_documents: Optional[int] = None,
-        max_bytes: Optional[int] = None,
+        max_documents: int | None = None,
+        max_bytes: int | None = None,
         progress: bool = True,
     ):
         super().__init__()
