@@ -169,7 +169,7 @@ def test_registry_errors_name_the_option():
         check_spec(AttentionSpec("sdpa", softmax="sigmoid"))
     with pytest.raises(ValueError, match="attn_softmax"):
         AttentionSpec("eager", softmax="relu")
-    with pytest.raises(ValueError, match="outlier_clip"):
+    with pytest.raises(ValueError, match="attn_logit_clip"):
         check_spec(AttentionSpec("sdpa", logit_clip=5.0))
     with pytest.raises(ValueError, match="attn_sink"):
         check_spec(AttentionSpec("eager", softmax="sigmoid"), has_sink=True)

@@ -34,7 +34,8 @@ SWITCHES = [
     {"norm": "dyt"},
     {"norm": "identity"},
     {"attn_softmax": "sigmoid", "attn_backend": "eager"},
-    {"outlier_clip": 5.0, "attn_backend": "eager"},
+    {"outlier_clip": 5.0},
+    {"outlier_clip": 5.0, "attn_logit_clip": 5.0, "attn_backend": "eager"},
     {"qk_norm": True, "attn_bias": True, "tie_embeddings": True},
     {"head_dim": 48, "n_kv_head": 1, "intermediate_size": 200},
     {"rope_scaling": {"type": "linear", "factor": 2.0}},
@@ -87,8 +88,8 @@ def test_gatednorm_identity_init_model_equals_plain():
 
 def test_outlier_clip_clamps_block_outputs():
     torch.manual_seed(0)
-    model = LLM(tiny(outlier_clip=0.01, attn_backend="eager", init_std=0.5))
-    assert all(layer.attn.spec.logit_clip == 0.01 for layer in model.layers)
+    model = LLM(tiny(outlier_clip=0.01, init_std=0.5))
+    assert all(layer.attn.spec.logit_clip is None for layer in model.layers)  # logits: attn_logit_clip
     seen = {}
     block = model.layers[1]
     block.attn.register_forward_hook(lambda m, a, out: seen.__setitem__("attn", out))
@@ -156,7 +157,8 @@ BAD = [
     (dict(attn_softmax="sigmoid"), "attn_softmax=sigmoid.*attn_backend='sdpa'.*eager"),
     (dict(attn_softmax="sigmoid", attn_backend="eager", attn_sink="learnable"), "attn_sink"),
     (dict(attn_backend="cudnn"), "attn_backend='cudnn'.*sdpa"),
-    (dict(outlier_clip=3.0), "outlier_clip.*eager"),
+    (dict(attn_logit_clip=3.0), "attn_logit_clip.*eager"),
+    (dict(attn_logit_clip=0.0, attn_backend="eager"), "attn_logit_clip=0.0"),
     (dict(outlier_clip=-1.0, attn_backend="eager"), "outlier_clip=-1.0"),
     (dict(n_kv_head=3), "n_kv_head=3"),
     (dict(n_layer=0), "n_layer=0"),

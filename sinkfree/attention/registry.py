@@ -82,7 +82,7 @@ def check_spec(spec: AttentionSpec, has_sink: bool = False) -> BackendInfo:
         raise ValueError(f"attn_sink (sink logits) is not supported by attn_backend={name!r}; "
                          f"backends that support it: {_with('supports_sink')}")
     if spec.logit_clip is not None and not info.supports_logit_clip:
-        raise ValueError(f"outlier_clip (attention logit clipping) is not supported by "
+        raise ValueError(f"attn_logit_clip (attention logit clipping) is not supported by "
                          f"attn_backend={name!r}; backends that support it: {_with('supports_logit_clip')}")
     if spec.causal and not info.supports_causal:
         raise ValueError(f"causal attention is not supported by attn_backend={name!r}; "

@@ -59,6 +59,7 @@ class LLMConfig:
     norm: str = "rmsnorm"
     attn_softmax: str = "softmax"
     outlier_clip: float | None = None
+    attn_logit_clip: float | None = None
     attn_backend: str = "sdpa"
     init_std: float = 0.02
 
@@ -67,8 +68,9 @@ class LLMConfig:
         for name in ("attn_gate", "attn_sink", "residual_sink"):
             if getattr(self, name) is None:
                 setattr(self, name, "none")
-        if isinstance(self.outlier_clip, str) and self.outlier_clip.lower() == "none":
-            self.outlier_clip = None
+        for name in ("outlier_clip", "attn_logit_clip"):
+            if isinstance(getattr(self, name), str) and getattr(self, name).lower() == "none":
+                setattr(self, name, None)
         for name in ("vocab_size", "n_layer", "n_embd", "n_head", "block_size", "gatednorm_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -90,10 +92,10 @@ class LLMConfig:
                 raise ValueError(f"{name}={value!r} must be a positive finite number")
         if not math.isfinite(self.sink_init):
             raise ValueError(f"sink_init={self.sink_init!r} must be finite")
-        if self.outlier_clip is not None and not (
-                isinstance(self.outlier_clip, (int, float)) and self.outlier_clip > 0
-                and math.isfinite(self.outlier_clip)):
-            raise ValueError(f"outlier_clip={self.outlier_clip!r} must be none or a positive number")
+        for name in ("outlier_clip", "attn_logit_clip"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name}={value!r} must be none or a positive number")
         _choice("attn_gate", self.attn_gate, ATTN_GATE_KINDS)
         _choice("attn_sink", self.attn_sink, ATTN_SINK_KINDS)
         _choice("residual_sink", self.residual_sink, RESIDUAL_SINK_KINDS)
@@ -130,7 +132,7 @@ class LLMConfig:
     def attention_spec(self) -> AttentionSpec:
         """The causal AttentionSpec every layer uses."""
         return AttentionSpec(backend=self.attn_backend, causal=True, softmax=self.attn_softmax,
-                             logit_clip=self.outlier_clip)
+                             logit_clip=self.attn_logit_clip)
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> LLMConfig:
