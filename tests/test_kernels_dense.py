@@ -41,6 +41,16 @@ def test_dense_without_sink_and_lse_grad(causal):
     compare(fn, ref, [q, k, v], TOL[torch.float32], dlse_weight=0.5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_atomic_dq_mode(causal):
+    q, k, v = make_qkv(1, 4, 2, 100, 120, 64, torch.float32)
+
+    def fn(q, k, v, sink):
+        return flash_attention(q, k, v, sink, causal, deterministic=False)
+
+    compare(fn, _dense(causal)[1], [q, k, v, torch.randn(4).requires_grad_()], TOL[torch.float32])
+
+
 def test_sink_minus_inf_is_plain_attention():
     q, k, v = make_qkv(1, 2, 1, 80, 80, 64, torch.float32)
     sink = torch.full((2,), float("-inf"), requires_grad=True)

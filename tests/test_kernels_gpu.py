@@ -30,15 +30,31 @@ def test_dense_bf16(causal, b, hq, hkv, sq, sk, d):
 
 
 @pytest.mark.parametrize("causal", [False, True])
+def test_dense_bf16_atomic_dq(causal):
+    q, k, v = make_qkv(2, 8, 2, 1500, 1500, 128, torch.bfloat16, device="cuda")
+    sink = torch.randn(8, device="cuda").requires_grad_()
+
+    def fn(q, k, v, s):
+        return flash_attention(q, k, v, s, causal, deterministic=False)
+
+    def ref(q, k, v, s):
+        return attention_reference(q, k, v, s, causal)
+
+    compare(fn, ref, [q, k, v, sink], BF16_TOL)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("tile", [64, 128])
-def test_block_sparse_bf16(causal, tile):
+def test_block_sparse_bf16(causal, tile, deterministic):
     b, hq, hkv, s = 1, 8, 4, 4000
     q, k, v = make_qkv(b, hq, hkv, s, s, 128, torch.bfloat16, device="cuda")
     idx, cnt = random_lists(b, hq, s, s, tile, tile, 0.25, device="cuda", causal=causal)
     sink = torch.randn(hq, device="cuda").requires_grad_()
 
     def fn(q, k, v, sk):
-        return block_sparse_attention(q, k, v, idx, cnt, sk, causal, tile_q=tile, tile_k=tile)
+        return block_sparse_attention(q, k, v, idx, cnt, sk, causal, tile_q=tile, tile_k=tile,
+                                      deterministic=deterministic)
 
     def ref(q, k, v, sk):
         return block_sparse_attention_reference(q, k, v, idx, cnt, sk, causal, tile_q=tile, tile_k=tile)

@@ -17,9 +17,9 @@ OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor",
 def test_opcheck_flash():
     q, k, v = make_qkv(1, 2, 1, 40, 40, 64, torch.float32)
     sink = torch.randn(2, requires_grad=True)
-    torch.library.opcheck(torch.ops.sinkfree.flash_attn_fwd.default, (q, k, v, sink, True, 0.125),
+    torch.library.opcheck(torch.ops.sinkfree.flash_attn_fwd.default, (q, k, v, sink, True, 0.125, True),
                           test_utils=OPCHECK_TESTS)
-    torch.library.opcheck(torch.ops.sinkfree.flash_attn_fwd.default, (q, k, v, None, False, 0.125),
+    torch.library.opcheck(torch.ops.sinkfree.flash_attn_fwd.default, (q, k, v, None, False, 0.125, False),
                           test_utils=OPCHECK_TESTS)
 
 
@@ -27,7 +27,7 @@ def test_opcheck_block_sparse():
     q, k, v = make_qkv(1, 2, 2, 70, 70, 64, torch.float16)
     idx, cnt = random_lists(1, 2, 70, 70, 64, 64, 0.5)
     sink = torch.randn(2, requires_grad=True)
-    args = (q, k, v, idx, cnt, None, sink, False, 0.125, 64, 64)
+    args = (q, k, v, idx, cnt, None, sink, False, 0.125, 64, 64, True)
     torch.library.opcheck(torch.ops.sinkfree.block_sparse_attn_fwd.default, args, test_utils=OPCHECK_TESTS)
 
 

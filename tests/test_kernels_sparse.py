@@ -36,6 +36,18 @@ def test_random_lists_with_sink(causal, b, hq, hkv, sq, sk, tq, tk, dtype):
     compare(fn, ref, [q, k, v, sink], TOL[dtype])
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_atomic_dq_mode(causal):
+    q, k, v = make_qkv(1, 4, 2, 150, 150, 64, torch.float32)
+    idx, cnt = random_lists(1, 4, 150, 150, 64, 64, 0.6)
+    ref = _sparse(idx, cnt, causal, 64, 64)[1]
+
+    def fn(q, k, v, sink):
+        return block_sparse_attention(q, k, v, idx, cnt, sink, causal, deterministic=False)
+
+    compare(fn, ref, [q, k, v, torch.randn(4).requires_grad_()], TOL[torch.float32])
+
+
 def test_empty_lists_give_zero_and_minus_inf():
     q, k, v = make_qkv(1, 2, 2, 128, 128, 64, torch.float32)
     idx = torch.zeros(1, 2, 2, 2, dtype=torch.int32)

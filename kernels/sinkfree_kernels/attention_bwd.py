@@ -12,7 +12,7 @@ from ._tuning import make_configs, prune_for_tiles
 DKDV_CONFIGS = make_configs([(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3)])
 DQ_CONFIGS = make_configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)])
 
-_KEY = ["SEQ_KEY", "HEAD_DIM", "CAUSAL", "SPARSE", "TILE_M", "TILE_N", "HAS_KLEN"]
+_KEY = ["SEQ_KEY", "HEAD_DIM", "CAUSAL", "SPARSE", "TILE_M", "TILE_N", "HAS_KLEN", "ATOMIC_DQ"]
 _EVEN = {
     "EVEN_M": lambda a: a["Sq"] % a["BLOCK_M"] == 0,
     "EVEN_N": lambda a: a["Sk"] % a["BLOCK_N"] == 0,
@@ -49,10 +49,13 @@ def _bwd_preprocess(Out, DO, Lse, DLse, Sink, Delta, DSinkPart,
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_m, offs_n, offs_d,
-                Sq, kend, off, qk_scale, sqm, sdom,
-                MASK: tl.constexpr, CAUSAL: tl.constexpr, LOAD_M: tl.constexpr, PREC: tl.constexpr):
-    """Accumulate one BLOCK_M slice of queries into the dK, dV of this key block (transposed scores)."""
+def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, start_m, offs_m, offs_n, offs_d,
+                Sq, kend, off, qk_scale, sm_scale, sqm, sdom, sgqm,
+                MASK: tl.constexpr, CAUSAL: tl.constexpr, LOAD_M: tl.constexpr, PREC: tl.constexpr,
+                ATOMIC_DQ: tl.constexpr):
+    """Accumulate one BLOCK_M slice of queries into the dK, dV of this key block (transposed scores); with
+    ATOMIC_DQ also add this block's share of dQ into an fp32 buffer (5 matmuls instead of 7, not bitwise
+    reproducible)."""
     rows = start_m + offs_m
     q_ptrs = q_base + rows[:, None] * sqm + offs_d[None, :]
     do_ptrs = do_base + rows[:, None] * sdom + offs_d[None, :]
@@ -79,19 +82,24 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, of
     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
     dsT = pT * (dpT - delta[None, :])
     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
+    if ATOMIC_DQ:
+        dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PREC) * sm_scale  # (BLOCK_M, HEAD_DIM)
+        tl.atomic_add(dq_base + rows[:, None] * sgqm + offs_d[None, :], dq, mask=rows[:, None] < Sq,
+                      sem="relaxed")
     return dk, dv
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_for_tiles})
+@triton.autotune(configs=DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_for_tiles},
+                 reset_to_zero=["DQAcc"])
 @triton.heuristics(_EVEN)
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, Lse, Delta, DK, DV, KIdx, KCnt, KLen,
-    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sgb, sgh, sgn,
+    Q, K, V, DO, Lse, Delta, DK, DV, DQAcc, KIdx, KCnt, KLen,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sgb, sgh, sgn, sqab, sqah, sqam,
     sib, sih, siq, scb, sch,
     H, HKV, GROUP, Sq, Sk, qk_scale, sm_scale, SEQ_KEY,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr, HAS_KLEN: tl.constexpr,
-    TILE_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr,
+    TILE_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -125,15 +133,17 @@ def _attn_bwd_dkdv(
         do_base = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
         lse_base = Lse + bh.to(tl.int64) * Sq
         delta_base = Delta + bh.to(tl.int64) * Sq
+        dq_base = DQAcc + b.to(tl.int64) * sqab + h.to(tl.int64) * sqah
         if SPARSE:
             cnt = tl.load(KCnt + b * scb + h * sch + kt)
             idx_ptr = KIdx + b.to(tl.int64) * sib + h.to(tl.int64) * sih + kt * siq
             for t in range(0, cnt):
                 qt = tl.load(idx_ptr + t)
                 for sub in tl.static_range(TILE_M // BLOCK_M):
-                    dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                    dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                                          qt * TILE_M + sub * BLOCK_M, offs_m, offs_n, offs_d, Sq, kend, off,
-                                         qk_scale, sqm, sdom, CAUSAL or HAS_KLEN, CAUSAL, not EVEN_M, PREC)
+                                         qk_scale, sm_scale, sqm, sdom, sqam, CAUSAL or HAS_KLEN, CAUSAL,
+                                         not EVEN_M, PREC, ATOMIC_DQ)
         else:
             lo = 0
             mid = 0
@@ -142,13 +152,13 @@ def _attn_bwd_dkdv(
                 lo = (tl.maximum(n0 - off, 0) // BLOCK_M) * BLOCK_M
                 mid = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M
                 for start_m in range(lo, tl.minimum(mid, Sq), BLOCK_M):
-                    dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_m,
-                                         offs_n, offs_d, Sq, kend, off, qk_scale, sqm, sdom,
-                                         True, True, not EVEN_M, PREC)
+                    dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, start_m,
+                                         offs_m, offs_n, offs_d, Sq, kend, off, qk_scale, sm_scale, sqm, sdom,
+                                         sqam, True, True, not EVEN_M, PREC, ATOMIC_DQ)
             for start_m in range(mid, Sq, BLOCK_M):
-                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, offs_m,
-                                     offs_n, offs_d, Sq, kend, off, qk_scale, sqm, sdom,
-                                     False, CAUSAL, not EVEN_M, PREC)
+                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, start_m,
+                                     offs_m, offs_n, offs_d, Sq, kend, off, qk_scale, sm_scale, sqm, sdom,
+                                     sqam, False, CAUSAL, not EVEN_M, PREC, ATOMIC_DQ)
 
     dk = dk * sm_scale
     dk_ptrs = DK + b.to(tl.int64) * sgb + hk.to(tl.int64) * sgh + offs_n[:, None] * sgn + offs_d[None, :]

@@ -96,7 +96,7 @@ def _forward(q, k, v, sink, causal, scale, idx=None, cnt=None, klen=None, tile_q
     return out, lse
 
 
-def _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, idx=None, cnt=None, klen=None,
+def _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, deterministic, idx=None, cnt=None, klen=None,
               tile_q=64, tile_k=64):
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -132,17 +132,23 @@ def _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, idx=None, cnt=
     common = dict(HEAD_DIM=d, CAUSAL=causal, SPARSE=sparse, HAS_KLEN=klen is not None,
                   TILE_M=tile_q, TILE_N=tile_k, PREC=_prec(q.dtype))
     key = seq_bucket(max(sq, sk))
+    # opt-in faster mode: dQ added with fp32 atomics inside the dK/dV pass (no dQ kernel, not reproducible)
+    dq_acc = (torch.zeros((b, hq, sq, d), dtype=torch.float32, device=q.device) if not deterministic
+              else torch.empty(1, dtype=torch.float32, device=q.device))
+    acc_strides = (dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2)) if not deterministic else (0, 0, 0)
 
     def grid_n(meta):
         return (triton.cdiv(sk, meta["BLOCK_N"]), b * hkv)
 
     _attn_bwd_dkdv[grid_n](
-        q, k, v, dout, lse, delta, dk, dv, kidx, kcnt, klen_t,
+        q, k, v, dout, lse, delta, dk, dv, dq_acc, kidx, kcnt, klen_t,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), *strides_k,
-        hq, hkv, hq // hkv, sq, sk, scale * LOG2E, scale, key, **common,
+        dk.stride(0), dk.stride(1), dk.stride(2), *acc_strides, *strides_k,
+        hq, hkv, hq // hkv, sq, sk, scale * LOG2E, scale, key, ATOMIC_DQ=not deterministic, **common,
     )
+    if not deterministic:
+        return dq_acc.to(q.dtype), dk, dv, dsink
 
     def grid_m(meta):
         return (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)
@@ -161,13 +167,13 @@ def _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, idx=None, cnt=
 
 @torch.library.custom_op("sinkfree::flash_attn_fwd", mutates_args=())
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: Optional[torch.Tensor],
-                   causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   causal: bool, scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense flash attention forward: (out, lse)."""
     return _forward(q, k, v, sink, causal, scale)
 
 
 @flash_attn_fwd.register_fake
-def _(q, k, v, sink, causal, scale):
+def _(q, k, v, sink, causal, scale, deterministic):
     b, h, s, d = q.shape
     return q.new_empty((b, h, s, d)), q.new_empty((b, h, s), dtype=torch.float32)
 
@@ -175,29 +181,30 @@ def _(q, k, v, sink, causal, scale):
 @torch.library.custom_op("sinkfree::flash_attn_bwd", mutates_args=())
 def flash_attn_bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sink: Optional[torch.Tensor],
-                   causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   causal: bool, scale: float,
+                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense flash attention backward: (dq, dk, dv, dsink); dsink is empty without a sink."""
-    return _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale)
+    return _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, deterministic)
 
 
 @flash_attn_bwd.register_fake
-def _(dout, dlse, q, k, v, out, lse, sink, causal, scale):
+def _(dout, dlse, q, k, v, out, lse, sink, causal, scale, deterministic):
     n = q.shape[1] if sink is not None else 0
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             q.new_empty((n,), dtype=torch.float32))
 
 
 def _flash_setup(ctx, inputs, output):
-    q, k, v, sink, causal, scale = inputs
+    q, k, v, sink, causal, scale, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, sink)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.args = (causal, scale, deterministic)
 
 
 def _flash_grad(ctx, dout, dlse):
     q, k, v, out, lse, sink = ctx.saved_tensors
-    dq, dk, dv, dsink = flash_attn_bwd(dout, dlse, q, k, v, out, lse, sink, ctx.causal, ctx.scale)
-    return dq, dk, dv, (dsink if sink is not None else None), None, None
+    dq, dk, dv, dsink = flash_attn_bwd(dout, dlse, q, k, v, out, lse, sink, *ctx.args)
+    return dq, dk, dv, (dsink if sink is not None else None), None, None, None
 
 
 flash_attn_fwd.register_autograd(_flash_grad, setup_context=_flash_setup)
@@ -208,13 +215,14 @@ flash_attn_fwd.register_autograd(_flash_grad, setup_context=_flash_setup)
 @torch.library.custom_op("sinkfree::block_sparse_attn_fwd", mutates_args=())
 def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q2k_idx: torch.Tensor,
                           q2k_cnt: torch.Tensor, kv_tile_len: Optional[torch.Tensor], sink: Optional[torch.Tensor],
-                          causal: bool, scale: float, tile_q: int, tile_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                          causal: bool, scale: float, tile_q: int, tile_k: int,
+                          deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse flash attention forward over key-tile lists: (out, lse)."""
     return _forward(q, k, v, sink, causal, scale, q2k_idx, q2k_cnt, kv_tile_len, tile_q, tile_k)
 
 
 @block_sparse_attn_fwd.register_fake
-def _(q, k, v, q2k_idx, q2k_cnt, kv_tile_len, sink, causal, scale, tile_q, tile_k):
+def _(q, k, v, q2k_idx, q2k_cnt, kv_tile_len, sink, causal, scale, tile_q, tile_k, deterministic):
     b, h, s, d = q.shape
     return q.new_empty((b, h, s, d)), q.new_empty((b, h, s), dtype=torch.float32)
 
@@ -223,33 +231,32 @@ def _(q, k, v, q2k_idx, q2k_cnt, kv_tile_len, sink, causal, scale, tile_q, tile_
 def block_sparse_attn_bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, q2k_idx: torch.Tensor,
                           q2k_cnt: torch.Tensor, kv_tile_len: Optional[torch.Tensor],
-                          sink: Optional[torch.Tensor], causal: bool, scale: float, tile_q: int,
-                          tile_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                          sink: Optional[torch.Tensor], causal: bool, scale: float, tile_q: int, tile_k: int,
+                          deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block-sparse backward: (dq, dk, dv, dsink), dK/dV key-major over the transposed lists."""
-    return _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, q2k_idx, q2k_cnt, kv_tile_len,
-                     tile_q, tile_k)
+    return _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, deterministic, q2k_idx, q2k_cnt,
+                     kv_tile_len, tile_q, tile_k)
 
 
 @block_sparse_attn_bwd.register_fake
-def _(dout, dlse, q, k, v, out, lse, q2k_idx, q2k_cnt, kv_tile_len, sink, causal, scale, tile_q, tile_k):
+def _(dout, dlse, q, k, v, out, lse, q2k_idx, q2k_cnt, kv_tile_len, sink, causal, scale, tile_q, tile_k,
+      deterministic):
     n = q.shape[1] if sink is not None else 0
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             q.new_empty((n,), dtype=torch.float32))
 
 
 def _bs_setup(ctx, inputs, output):
-    q, k, v, idx, cnt, klen, sink, causal, scale, tile_q, tile_k = inputs
+    q, k, v, idx, cnt, klen, sink, causal, scale, tile_q, tile_k, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, idx, cnt, klen, sink)
-    ctx.args = (causal, scale, tile_q, tile_k)
+    ctx.args = (causal, scale, tile_q, tile_k, deterministic)
 
 
 def _bs_grad(ctx, dout, dlse):
     q, k, v, out, lse, idx, cnt, klen, sink = ctx.saved_tensors
-    causal, scale, tile_q, tile_k = ctx.args
-    dq, dk, dv, dsink = block_sparse_attn_bwd(dout, dlse, q, k, v, out, lse, idx, cnt, klen, sink,
-                                              causal, scale, tile_q, tile_k)
-    return dq, dk, dv, None, None, None, (dsink if sink is not None else None), None, None, None, None
+    dq, dk, dv, dsink = block_sparse_attn_bwd(dout, dlse, q, k, v, out, lse, idx, cnt, klen, sink, *ctx.args)
+    return dq, dk, dv, None, None, None, (dsink if sink is not None else None), None, None, None, None, None
 
 
 block_sparse_attn_fwd.register_autograd(_bs_grad, setup_context=_bs_setup)
@@ -257,20 +264,23 @@ block_sparse_attn_fwd.register_autograd(_bs_grad, setup_context=_bs_setup)
 
 # ---- public API -------------------------------------------------------------------------------------------
 
-def flash_attention(q, k, v, sink=None, causal=False, scale=None):
-    """Dense flash attention with optional per-head sink logits (fp32, (Hq,)): returns (out, lse)."""
+def flash_attention(q, k, v, sink=None, causal=False, scale=None, deterministic=True):
+    """Dense flash attention with optional per-head sink logits (fp32, (Hq,)): returns (out, lse).
+    deterministic=False adds dQ with fp32 atomics in the backward (faster, not bitwise reproducible)."""
     _check_inputs(q, k, v, sink)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return flash_attn_fwd(q, k, v, sink, bool(causal), scale)
+    return flash_attn_fwd(q, k, v, sink, bool(causal), scale, bool(deterministic))
 
 
 def block_sparse_attention(q, k, v, q2k_idx, q2k_cnt, sink=None, causal=False, scale=None, tile_q=64,
-                           tile_k=64, kv_tile_len=None):
+                           tile_k=64, kv_tile_len=None, deterministic=True):
     """Block-sparse flash attention over key-tile lists idx (B|1, Hq|1, Nq, K) int32 and cnt (B|1, Hq|1, Nq)
-    int32; kv_tile_len (Nk,) int32 gives the real tokens of each padded key tile. Returns (out, lse)."""
+    int32; kv_tile_len (Nk,) int32 gives the real tokens of each padded key tile. Returns (out, lse).
+    deterministic=False: dQ by fp32 atomics in the backward (faster, not bitwise reproducible)."""
     _check_inputs(q, k, v, sink)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     idx, cnt = _tile_args(q, q2k_idx, q2k_cnt, tile_q, tile_k)
     if kv_tile_len is not None:
         kv_tile_len = kv_tile_len.to(device=q.device, dtype=torch.int32).contiguous()
-    return block_sparse_attn_fwd(q, k, v, idx, cnt, kv_tile_len, sink, bool(causal), scale, tile_q, tile_k)
+    return block_sparse_attn_fwd(q, k, v, idx, cnt, kv_tile_len, sink, bool(causal), scale, tile_q, tile_k,
+                                 bool(deterministic))

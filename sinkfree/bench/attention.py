@@ -146,6 +146,7 @@ def bench_dense(args, run, rows, providers):
             "flex+sink": lambda: flex_sink(q, k, v, sink, bm),
             "flash": lambda: flash_attention(q, k, v, None, causal)[0],
             "flash+sink": lambda: flash_attention(q, k, v, sink, causal)[0],
+            "flash+sink atomic-dq": lambda: flash_attention(q, k, v, sink, causal, deterministic=False)[0],
         }
         grads = [q, k, v, sink]
         _run_all(cands, providers, "dense", text, args.modes, run, grads, rows,
@@ -191,6 +192,8 @@ def bench_sparse(args, run, rows, providers):
                                                                   tile_q=tile, tile_k=tile)[0],
             f"block_sparse{tile}+sink": lambda: block_sparse_attention(q, k, v, idx, cnt, sink, False,
                                                                        tile_q=tile, tile_k=tile)[0],
+            f"block_sparse{tile} atomic-dq": lambda: block_sparse_attention(
+                q, k, v, idx, cnt, None, False, tile_q=tile, tile_k=tile, deterministic=False)[0],
         }
         try:
             bm = _flex_block_mask(idx, cnt, nk, tile, s)
@@ -262,8 +265,9 @@ def summary(rows):
     t = {(r.shape, r.mode, r.provider): r.ms for r in rows if r.ms is not None}
     out = []
     for (shape, mode, prov), ms in t.items():
-        pairs = {"flash+sink": ["flex+sink", "cudnn"], "block_sparse64": ["vsa_triton64"],
-                 "block_sparse128": ["flex_blockmask128"]}
+        pairs = {"flash+sink": ["flex+sink", "cudnn"], "flash+sink atomic-dq": ["flex+sink", "cudnn"],
+                 "block_sparse64": ["vsa_triton64"], "block_sparse64 atomic-dq": ["vsa_triton64"],
+                 "block_sparse128": ["flex_blockmask128"], "block_sparse128 atomic-dq": ["flex_blockmask128"]}
         for other in pairs.get(prov, []):
             if (shape, mode, other) in t:
                 out.append(f"{shape} {mode}: {prov} is {t[(shape, mode, other)] / ms:.2f}x {other}")
