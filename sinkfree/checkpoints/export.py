@@ -7,7 +7,6 @@ parameters are written under the names documented in `hf_map` and the switches i
 """
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 
 from sinkfree.checkpoints.hf import DTYPES, open_checkpoint
 from sinkfree.checkpoints.hf_map import hf_config_from_arch, to_hf_key
-from sinkfree.checkpoints.io import CheckpointError, atomic_output_dir, write_json
+from sinkfree.checkpoints.io import CheckpointError, atomic_output_dir, write_files, write_json, write_safetensors
 from sinkfree.checkpoints.source import TOKENIZER_FILES, Source, check_keys, source_from_model
 from sinkfree.models.llm import LLM
 
@@ -67,8 +66,6 @@ def save_hf(model: LLM, dst: str | Path, dtype: str = "keep", tokenizer: str | P
 def export_source(source: Source, dst: str | Path, dtype: str = "keep", tokenizer: str | Path | None = None,
                   no_tokenizer: bool = False, force: bool = False) -> Path:
     """Write an opened checkpoint as an HF folder; see `convert_to_hf`."""
-    from safetensors.torch import save_file
-
     config = source.config()
     check_keys(source.shapes, config, str(source.path))
     arch = {k: getattr(config, k) for k in config.__dataclass_fields__}
@@ -84,23 +81,15 @@ def export_source(source: Source, dst: str | Path, dtype: str = "keep", tokenize
         warnings.warn(f"exporting a model with {changed}: `transformers` will ignore these (its outputs differ); "
                       f"sinkfree reads the folder back exactly")
     cast = DTYPES[dtype]
+    layout = source.layout(cast, to_hf_key, keep_fp32=lambda name: name.endswith("attn.sink"))  # sinks stay fp32
+    dtypes = [d for d, _ in layout.values()]
+    main = max(set(dtypes), key=dtypes.count)
+    hf_config["dtype"] = hf_config["torch_dtype"] = _DTYPE_NAMES.get(main, str(main).removeprefix("torch."))
     with atomic_output_dir(Path(dst), force=force) as tmp:
-        tensors, dtypes = {}, set()
-        for name, t in source.tensors():
-            if cast is not None and t.is_floating_point() and not name.endswith("attn.sink"):
-                t = t.to(cast)  # sink logits stay fp32, as the model keeps them
-            tensors[to_hf_key(name)] = t.contiguous()
-            dtypes.add(t.dtype)
-        main = cast or max(dtypes, key=lambda d: sum(t.dtype == d for t in tensors.values()))
-        hf_config["dtype"] = hf_config["torch_dtype"] = _DTYPE_NAMES.get(main, str(main).removeprefix("torch."))
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        del tensors
+        write_safetensors(tmp / "model.safetensors", layout,
+                          ((to_hf_key(n), t) for n, t in source.tensors()), metadata={"format": "pt"})
         write_json(tmp / "config.json", hf_config)
-        for name, file in tok_files.items():
-            if isinstance(file, Path):
-                shutil.copyfile(file, tmp / name)
-            else:
-                (tmp / name).write_text(file)
+        write_files(tmp, tok_files)
         if hf_config.get("bos_token_id") is not None or hf_config.get("eos_token_id") is not None:
             if "generation_config.json" not in tok_files:
                 write_json(tmp / "generation_config.json",

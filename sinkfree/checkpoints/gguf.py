@@ -149,7 +149,7 @@ def open_gguf(file: Path) -> Source:
     if "tokenizer.ggml.tokens" in reader.fields:
         tok_json, tok_config = tokenizer_from_gguf(reader)
         tokenizer = {"tokenizer.json": tok_json, "tokenizer_config.json": tok_config}
-    return Source(file, "gguf", arch, shapes, stream, hf_config, tokenizer)
+    return Source(file, "gguf", arch, shapes, {n: torch.float32 for n in shapes}, stream, hf_config, tokenizer)
 
 
 def _pre_tokenizer(name: str | None):

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from sinkfree.checkpoints.hf_map import IGNORED_HF_KEYS, arch_from_hf_config, from_hf_key
-from sinkfree.checkpoints.io import CheckpointError, atomic_output_dir, read_headers, read_json, safetensors_files
-from sinkfree.checkpoints.retrofit import calibrated_sink_init, merge_arch, retrofit_report
+from sinkfree.checkpoints.io import (CheckpointError, atomic_output_dir, read_headers, read_json, safetensors_files,
+                                    write_files, write_json, write_safetensors)
+from sinkfree.checkpoints.retrofit import calibrated_sink_init, explicit_fields, merge_arch, retrofit_report
 from sinkfree.checkpoints.source import (SINKFREE_CONFIG, SINKFREE_WEIGHTS, Source, _stream_safetensors,
                                          _tokenizers_beside, check_keys, make_config, open_lightning_ckpt,
                                          open_sinkfree_folder, open_sinkfree_safetensors)
@@ -38,6 +38,7 @@ def open_hf_folder(folder: Path) -> Source:
     files = safetensors_files(folder)
     names: dict[str, str] = {}
     shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, torch.dtype] = {}
     unknown = []
     for key, info in read_headers(files).items():
         if IGNORED_HF_KEYS.fullmatch(key) or (key == "lm_head.weight" and arch["tie_embeddings"]):
@@ -46,10 +47,10 @@ def open_hf_folder(folder: Path) -> Source:
         if name is None:
             unknown.append(key)
             continue
-        names[key], shapes[name] = name, info.shape
+        names[key], shapes[name], dtypes[name] = name, info.shape, info.dtype
     if unknown:
         raise CheckpointError(f"{folder}: {len(unknown)} tensors outside the Llama layout (e.g. {unknown[:4]})")
-    return Source(folder, "hf", arch, shapes, lambda: _stream_safetensors(files, names.get), hf_config,
+    return Source(folder, "hf", arch, shapes, dtypes, lambda: _stream_safetensors(files, names.get), hf_config,
                   _tokenizers_beside(folder))
 
 
@@ -102,18 +103,13 @@ def _build(path: str | Path, overrides: dict | None) -> tuple[LLM, list[str]]:
     model = LLM(config)
     filled = _copy_into(model, source)
     new_keys = sorted(n for n, _ in model.named_parameters() if n not in filled)
-    if config.attn_sink == "learnable" and "sink_init" not in _explicit(overrides):
+    sinks_added = any(k.endswith("attn.sink") for k in new_keys)
+    if sinks_added and "sink_init" not in explicit_fields(overrides or {}):
         sink_init = calibrated_sink_init(model, source)
         config = dataclasses.replace(config, sink_init=sink_init)
         model.config = config
     retrofit_report(model, source)
     return model, new_keys
-
-
-def _explicit(overrides: dict | None) -> dict:
-    from sinkfree.checkpoints.retrofit import explicit_fields
-
-    return explicit_fields(overrides or {})
 
 
 def load_pretrained(path: str | Path, overrides: dict | None = None) -> LLM:
@@ -140,26 +136,14 @@ def load_for_init(path: str | Path, arch_overrides: dict | None = None) -> InitF
 
 def write_sinkfree_folder(dst: Path, source: Source, dtype: torch.dtype | None, force: bool = False) -> Path:
     """Validate `source`, then stream it into a sinkfree folder at `dst` (atomically; nothing on error)."""
-    from safetensors.torch import save_file
-
     check_keys(source.shapes, source.config(), str(source.path))
+    arch = dataclasses.asdict(source.config())
     with atomic_output_dir(dst, force=force) as tmp:
-        tensors = {}
-        for name, t in source.tensors():
-            t = t if dtype is None or not t.is_floating_point() else t.to(dtype)
-            tensors[name] = t.contiguous()
-        arch = dataclasses.asdict(source.config())
-        meta = {"format": "pt", "sinkfree.arch": json.dumps(arch)}
-        save_file(tensors, str(tmp / SINKFREE_WEIGHTS), metadata=meta)
-        del tensors
-        (tmp / SINKFREE_CONFIG).write_text(json.dumps(
-            {"arch": arch, "source": {"kind": source.kind, "path": str(source.path)},
-             "hf_config": source.hf_config}, indent=2) + "\n")
-        for name, file in source.tokenizer_files.items():
-            if isinstance(file, Path):
-                shutil.copyfile(file, tmp / name)
-            else:
-                (tmp / name).write_text(file)
+        write_safetensors(tmp / SINKFREE_WEIGHTS, source.layout(dtype), source.tensors(),
+                          metadata={"format": "pt", "sinkfree.arch": json.dumps(arch)})
+        write_json(tmp / SINKFREE_CONFIG, {"arch": arch, "source": {"kind": source.kind, "path": str(source.path)},
+                                           "hf_config": source.hf_config})
+        write_files(tmp, source.tokenizer_files)
     return Path(dst)
 
 

@@ -131,7 +131,9 @@ def arch_from_hf_config(hf: dict) -> dict[str, Any]:
         "attn_bias": family == "qwen2",
         "qk_norm": family == "qwen3",
     }
-    arch.update((hf.get("sinkfree") or {}).get("arch") or {})
+    # A sinkfree export adds its switches; the HF fields above stay authoritative for what they describe.
+    extra = (hf.get("sinkfree") or {}).get("arch") or {}
+    arch.update({k: v for k, v in extra.items() if k not in arch})
     return arch
 
 

@@ -3,14 +3,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
+import torch
 from safetensors import SafetensorError, safe_open
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 class CheckpointError(ValueError):
@@ -23,7 +31,7 @@ class TensorInfo:
 
     file: Path
     shape: tuple[int, ...]
-    dtype: str
+    dtype: torch.dtype
 
 
 def read_json(path: Path) -> dict:
@@ -63,7 +71,7 @@ def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
                     sl = sf.get_slice(key)
                     if key in infos:
                         raise CheckpointError(f"tensor {key!r} appears in both {infos[key].file.name} and {f.name}")
-                    infos[key] = TensorInfo(f, tuple(sl.get_shape()), sl.get_dtype())
+                    infos[key] = TensorInfo(f, tuple(sl.get_shape()), TORCH_DTYPES[sl.get_dtype()])
         except SafetensorError as e:
             raise CheckpointError(f"{f} is not a complete safetensors file (truncated or corrupt?): {e}") from e
     return infos
@@ -105,6 +113,36 @@ def atomic_output_dir(dst: Path, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_safetensors(path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                      tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file one tensor at a time (any order), so it never holds more than one tensor.
+
+    `layout` (name -> (dtype, shape)) fixes the header up front; each streamed tensor is cast to its
+    dtype and written at its offset. A tensor missing from the stream, or of the wrong shape, is an error.
+    """
+    header, offset = {}, 0
+    for name, (dtype, shape) in layout.items():
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
+    start, written = 8 + len(blob), set()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, t in tensors:
+            dtype, shape = layout[name]
+            if tuple(t.shape) != tuple(shape):
+                raise CheckpointError(f"tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+            f.seek(start + header[name]["data_offsets"][0])
+            f.write(t.detach().to("cpu", dtype).contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            written.add(name)
+    if set(layout) - written:
+        raise CheckpointError(f"tensors never came from the source: {sorted(set(layout) - written)[:4]}")
+
+
 def _chmod_by_umask(folder: Path) -> None:
     """mkdtemp makes 0700 folders and some writers 0600 files; give them the usual umask-based modes."""
     umask = os.umask(0)
@@ -117,3 +155,13 @@ def _chmod_by_umask(folder: Path) -> None:
 def write_json(path: Path, obj: dict) -> None:
     """Write `obj` as indented JSON (callers write inside an `atomic_output_dir`)."""
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_files(folder: Path, files: dict[str, Path | str]) -> None:
+    """Copy `name -> path` entries into `folder`, or write `name -> text` ones (tokenizer files)."""
+    for name, file in files.items():
+        if isinstance(file, Path):
+            shutil.copyfile(file, folder / name)
+        else:
+            (folder / name).write_text(file)
+

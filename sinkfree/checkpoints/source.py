@@ -29,9 +29,20 @@ class Source:
     kind: str  # "hf" | "sinkfree" | "lightning" | "gguf"
     arch: dict
     shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
     tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]]
     hf_config: dict | None = None  # the original config.json, kept so export can restore ids and extras
     tokenizer_files: dict[str, Path | str] = field(default_factory=dict)  # file name -> path or JSON text
+
+    def layout(self, cast: torch.dtype | None = None, rename: Callable[[str], str] = str,
+               keep_fp32: Callable[[str], bool] = lambda name: False) -> dict:
+        """Output name -> (dtype, shape) for writing: floating tensors cast to `cast` unless `keep_fp32(name)`."""
+        def dtype(name: str) -> torch.dtype:
+            d = self.dtypes[name]
+            if cast is None or not d.is_floating_point:
+                return d
+            return torch.float32 if keep_fp32(name) else cast
+        return {rename(n): (dtype(n), self.shapes[n]) for n in self.shapes}
 
     def config(self) -> LLMConfig:
         """The `LLMConfig` this checkpoint was saved with; unknown fields are a clear error."""
@@ -98,7 +109,7 @@ def open_sinkfree_folder(folder: Path) -> Source:
         raise CheckpointError(f"{folder} has {SINKFREE_CONFIG} but no {SINKFREE_WEIGHTS}")
     infos = read_headers([weights])
     return Source(folder, "sinkfree", dict(meta["arch"]), {k: v.shape for k, v in infos.items()},
-                  lambda: _stream_safetensors([weights], lambda k: k), meta.get("hf_config"),
+                  {k: v.dtype for k, v in infos.items()}, lambda: _stream_safetensors([weights], lambda k: k), meta.get("hf_config"),
                   _tokenizers_beside(folder))
 
 
@@ -111,7 +122,7 @@ def open_sinkfree_safetensors(file: Path) -> Source:
     arch = json.loads(meta["sinkfree.arch"])
     hf_config = json.loads(meta["sinkfree.hf_config"]) if "sinkfree.hf_config" in meta else None
     return Source(file, "sinkfree", arch, {k: v.shape for k, v in infos.items()},
-                  lambda: _stream_safetensors([file], lambda k: k), hf_config, _tokenizers_beside(file.parent))
+                  {k: v.dtype for k, v in infos.items()}, lambda: _stream_safetensors([file], lambda k: k), hf_config, _tokenizers_beside(file.parent))
 
 
 def _torch_load(file: Path) -> dict:
@@ -146,7 +157,7 @@ def open_lightning_ckpt(file: Path) -> Source:
     if not tok:
         tok = _tokenizers_beside(file.parent.parent)  # <run>/checkpoints/x.ckpt with the tokenizer in <run>
     return Source(file, "lightning", dict(arch), {k: tuple(v.shape) for k, v in weights.items()},
-                  lambda: iter(weights.items()), None, tok)
+                  {k: v.dtype for k, v in weights.items()}, lambda: iter(weights.items()), None, tok)
 
 
 def source_from_model(model: LLM, tokenizer_files: dict | None = None, hf_config: dict | None = None) -> Source:
@@ -154,5 +165,5 @@ def source_from_model(model: LLM, tokenizer_files: dict | None = None, hf_config
     state = {k: v.detach() for k, v in model.state_dict().items()}
     arch = {f: getattr(model.config, f) for f in model.config.__dataclass_fields__}
     return Source(Path("<in-memory model>"), "model", arch, {k: tuple(v.shape) for k, v in state.items()},
-                  lambda: iter(state.items()), hf_config, dict(tokenizer_files or {}))
+                  {k: v.dtype for k, v in state.items()}, lambda: iter(state.items()), hf_config, dict(tokenizer_files or {}))
 
