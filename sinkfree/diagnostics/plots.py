@@ -12,6 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 MASS_LABEL = "attention on the first token (fraction)"
 
@@ -95,7 +96,8 @@ def sink_rate_plot(stats, out: Path) -> list[Path]:
             ax.plot(xs, [values[x] for x in xs], marker="o", ms=3, label=label,
                     ls="--" if metric == "first_token_mass" else "-")
             columns[metric], steps = values, steps | set(xs)
-    ax.set(xlabel="training step (optimizer steps)", ylabel="share of heads (0–1)", ylim=(-0.03, 1.03),
+    ax.set(xlabel="training step (optimizer steps)", ylabel="share of heads; mass as a fraction (0–1)",
+           ylim=(-0.03, 1.03),
            title="Attention-sink rate Sink$^{0.3}$ over training")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -119,6 +121,7 @@ def residual_last_plot(stats, out: Path) -> list[Path]:
         for r, y in zip(rows, ys):
             r.append(y)
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="layer (residual stream after the block)", ylabel="|h| (activation magnitude, log)",
            title=f"Residual-stream magnitudes per layer, step {step}")
     ax.axhline(100, color="grey", ls=":", lw=1, label="|h| = 100 (massive threshold)")
@@ -144,7 +147,7 @@ def residual_steps_plot(stats, out: Path) -> list[Path]:
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("|h| (activation magnitude, log)")
     sm = ScalarMappable(cmap=cmap, norm=Normalize(layers[0], layers[-1]))
-    fig.colorbar(sm, ax=axes, label="layer", pad=0.01)
+    fig.colorbar(sm, ax=axes, label="layer", pad=0.01, ticks=MaxNLocator(integer=True))
     fig.suptitle("Residual-stream magnitudes over training, one line per layer")
     return _save(fig, out, "resid_magnitude_steps", ["metric", "layer", "step", "value"], rows)
 
@@ -157,6 +160,7 @@ def residual_stripes_plot(arrays, out: Path) -> list[Path]:
     norm = LogNorm(vmin=max(positive.min(), positive.max() * 1e-4), vmax=positive.max()) if positive.size else None
     im = ax.imshow(np.where(grid > 0, grid, np.nan), aspect="auto", origin="lower", norm=norm, cmap="viridis",
                    interpolation="nearest")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="residual dimension", ylabel="layer",
            title=f"Residual-sink stripes: mean |h| per dimension (non-first tokens), step {int(arrays['step'])}")
     fig.colorbar(im, ax=ax, label="mean |h| (log)")
@@ -170,10 +174,12 @@ def attention_maps_plot(arrays, out: Path) -> list[Path]:
     n = len(layers)
     fig, axes = _figure((3.6 * n + 1, 3.8), n, squeeze=False)
     norm = LogNorm(vmin=1e-4, vmax=1.0)
+    cmap = colormaps["magma"].with_extremes(bad="white")  # masked (future) keys stay white
     for ax, m, layer in zip(axes[0], maps, layers):
-        im = ax.imshow(np.clip(m, 1e-4, None), norm=norm, cmap="magma", interpolation="nearest")
-        ax.set(title=f"layer {int(layer)}: first-token mass {m[:, 0].mean():.2f}", xlabel="key position",
-               ylabel="query position")
+        im = ax.imshow(np.where(m > 0, np.clip(m, 1e-4, None), np.nan), norm=norm, cmap=cmap,
+                       interpolation="nearest")
+        ax.set(title=f"layer {int(layer)}\nfirst-token mass {m[:, 0].mean():.2f}", xlabel="key position")
+    axes[0, 0].set_ylabel("query position")
     fig.colorbar(im, ax=axes[0].tolist(), label="attention probability (log)", pad=0.01)
     fig.suptitle(f"Head-averaged attention maps, step {int(arrays['step'])}")
     s = maps.shape[-1]
@@ -194,7 +200,7 @@ def gate_histogram_plot(arrays, out: Path) -> list[Path]:
     ax.set(xlabel="gate value σ(·) (0 = closed, 1 = open)", ylabel="share of gate values per bin",
            title=f"Attention-gate histograms per layer, step {int(arrays['step'])}", xlim=(0, 1))
     sm = ScalarMappable(cmap=cmap, norm=Normalize(0, len(share) - 1))
-    fig.colorbar(sm, ax=ax, label="layer")
+    fig.colorbar(sm, ax=ax, label="layer", ticks=MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     rows = [[f"{lo:.4g}", f"{hi:.4g}"] + r for lo, hi, r in zip(edges[:-1], edges[1:], share.T.tolist())]
     return _save(fig, out, "gate_histograms", ["bin_low", "bin_high"] + [f"layer_{l}" for l in range(len(share))],
