@@ -32,19 +32,43 @@ def probe_ids(data: str, tokenizer: Path, num_sequences: int, seq_len: int, bos:
     return dm.probe_batch(num_sequences, seq_len) if bos else dm.probe_batch(num_sequences, seq_len + 1)[:, 1:]
 
 
+def _run_config_tokenizer(checkpoint: Path, out: Path) -> Optional[Path]:
+    """The tokenizer a run trained on: its config.yaml's `data` rebuilt (cached tokenizers load, others
+    retrain deterministically), saved to OUT/tokenizer.json. None when there is no run config."""
+    import yaml
+
+    from sinkfree.data.text import TextDataModule
+
+    config = next((d / "config.yaml" for d in (checkpoint.parent, checkpoint.parent.parent)
+                   if (d / "config.yaml").is_file()), None)
+    if config is None:
+        return None
+    data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+    args = dict(data.get("init_args", data))
+    args.pop("prompts", None)
+    out.mkdir(parents=True, exist_ok=True)
+    TextDataModule(**{**args, "progress": False}).tokenizer.save(str(out / "tokenizer.json"))
+    return out / "tokenizer.json"
+
+
 def _tokenizer_path(checkpoint: str, given: Optional[str], out: Path) -> Path:
+    """--tokenizer, else tokenizer.json beside the checkpoint or in its run folder, else the run config's."""
     if given:
         return Path(given)
     from sinkfree.checkpoints.hf import open_checkpoint
 
     file = open_checkpoint(checkpoint).tokenizer_files.get("tokenizer.json")
-    if file is None:
-        raise FileNotFoundError(f"no tokenizer.json beside {checkpoint} (or its run folder); pass --tokenizer")
     if isinstance(file, Path):
         return file
-    out.mkdir(parents=True, exist_ok=True)  # embedded in the checkpoint (GGUF): write it out
-    (out / "tokenizer.json").write_text(file)
-    return out / "tokenizer.json"
+    out.mkdir(parents=True, exist_ok=True)
+    if file is not None:  # embedded in the checkpoint (GGUF): write it out
+        (out / "tokenizer.json").write_text(file)
+        return out / "tokenizer.json"
+    found = _run_config_tokenizer(Path(checkpoint), out)
+    if found is None:
+        raise FileNotFoundError(f"no tokenizer.json beside {checkpoint}, in its run folder, or from its run's "
+                                "config.yaml; pass --tokenizer")
+    return found
 
 
 def run_probe(args) -> list[Path]:

@@ -118,8 +118,8 @@ class GateStats(Metric):
         self.total += g.double().sum(-1)
         self.below += (g < self.low).double().sum(-1)
         self.count += g.shape[-1]
-        idx = (g.flatten(1) * self.bins).long().clamp_(0, self.bins - 1)  # (L, H*B*S*D)
-        self.hist += torch.zeros_like(self.hist).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+        for layer, values in enumerate(g):  # per layer: no (L, N) index tensor on the device
+            self.hist[layer] += torch.histc(values, self.bins, 0.0, 1.0).double()
 
     def compute(self) -> dict[str, Tensor]:
         return {"mean": (self.total / self.count).float(), "below": (self.below / self.count).float(),
