@@ -200,6 +200,7 @@ def smollm2_gguf() -> Path:
 def test_smollm2_gguf_loss_and_export(tmp_path):
     """Imported SmolLM2 predicts Python's pydoc topics at < 3.2 nats/token; its HF export matches transformers."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer
 
     assert convert_main(["from-gguf", str(smollm2_gguf()), "--out", str(tmp_path / "smol")]) == 0

@@ -15,8 +15,8 @@ from sinkfree.models.llm import LLM, LLMConfig
 
 transformers = pytest.importorskip("transformers", reason="transformers (the `test` extra) is not installed")
 
-SIZES = dict(vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
-             intermediate_size=80, max_position_embeddings=64, rms_norm_eps=1e-6)
+SIZES = {"vocab_size": 97, "hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 6,
+         "num_key_value_heads": 2, "intermediate_size": 80, "max_position_embeddings": 64, "rms_norm_eps": 1e-6}
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 16}
 CASES = {

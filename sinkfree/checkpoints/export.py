@@ -14,7 +14,13 @@ import torch
 
 from sinkfree.checkpoints.hf import DTYPES, open_checkpoint
 from sinkfree.checkpoints.hf_map import hf_config_from_arch, to_hf_key
-from sinkfree.checkpoints.io import CheckpointError, atomic_output_dir, write_files, write_json, write_safetensors
+from sinkfree.checkpoints.io import (
+    CheckpointError,
+    atomic_output_dir,
+    write_files,
+    write_json,
+    write_safetensors,
+)
 from sinkfree.checkpoints.source import TOKENIZER_FILES, Source, check_keys, source_from_model
 from sinkfree.models.llm import LLM
 
@@ -90,8 +96,7 @@ def export_source(source: Source, dst: str | Path, dtype: str = "keep", tokenize
                           ((to_hf_key(n), t) for n, t in source.tensors()), metadata={"format": "pt"})
         write_json(tmp / "config.json", hf_config)
         write_files(tmp, tok_files)
-        if hf_config.get("bos_token_id") is not None or hf_config.get("eos_token_id") is not None:
-            if "generation_config.json" not in tok_files:
-                write_json(tmp / "generation_config.json",
-                           {k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if k in hf_config})
+        ids = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if hf_config.get(k) is not None}
+        if ids and "generation_config.json" not in tok_files:
+            write_json(tmp / "generation_config.json", ids)
     return Path(dst)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -75,7 +75,9 @@ def _arch(reader, tensor_names: set[str]) -> dict:
         raise CheckpointError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
     if "rope_freqs.weight" in tensor_names:
         raise CheckpointError("GGUF with a rope_freqs tensor (llama3 RoPE scaling) is not supported")
-    get = lambda k, d=None: _field(reader, f"llama.{k}", d)  # noqa: E731
+    def get(key: str):
+        return _field(reader, f"llama.{key}")
+
     n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
     head_dim = int(get("attention.key_length") or get("rope.dimension_count") or n_embd // n_head)
     tokens = _field(reader, "tokenizer.ggml.tokens")

@@ -20,12 +20,29 @@ from typing import NamedTuple
 import torch
 
 from sinkfree.checkpoints.hf_map import IGNORED_HF_KEYS, arch_from_hf_config, from_hf_key
-from sinkfree.checkpoints.io import (CheckpointError, atomic_output_dir, read_headers, read_json, safetensors_files,
-                                    write_files, write_json, write_safetensors)
+from sinkfree.checkpoints.io import (
+    CheckpointError,
+    atomic_output_dir,
+    read_headers,
+    read_json,
+    safetensors_files,
+    write_files,
+    write_json,
+    write_safetensors,
+)
 from sinkfree.checkpoints.retrofit import calibrated_sink_init, explicit_fields, merge_arch, retrofit_report
-from sinkfree.checkpoints.source import (SINKFREE_CONFIG, SINKFREE_WEIGHTS, Source, _stream_safetensors,
-                                         _tokenizers_beside, check_keys, make_config, open_lightning_ckpt,
-                                         open_sinkfree_folder, open_sinkfree_safetensors)
+from sinkfree.checkpoints.source import (
+    SINKFREE_CONFIG,
+    SINKFREE_WEIGHTS,
+    Source,
+    _stream_safetensors,
+    _tokenizers_beside,
+    check_keys,
+    make_config,
+    open_lightning_ckpt,
+    open_sinkfree_folder,
+    open_sinkfree_safetensors,
+)
 from sinkfree.models.llm import LLM, LLMConfig
 
 DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

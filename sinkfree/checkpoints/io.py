@@ -8,9 +8,9 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -67,7 +67,7 @@ def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as sf:
-                for key in sf.keys():
+                for key in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
                     sl = sf.get_slice(key)
                     if key in infos:
                         raise CheckpointError(f"tensor {key!r} appears in both {infos[key].file.name} and {f.name}")

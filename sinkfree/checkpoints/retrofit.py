@@ -91,6 +91,7 @@ def probe_ids(vocab_size: int, tokenizer_json: str | None, batch: int = 2, lengt
     n = batch * length
     if tokenizer_json is not None:
         from pydoc_data.topics import topics
+
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_str(tokenizer_json)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
-from sinkfree.checkpoints.io import CheckpointError, read_json, read_headers, safetensors_metadata
+from sinkfree.checkpoints.io import CheckpointError, read_headers, read_json, safetensors_metadata
 from sinkfree.models.llm import LLM, LLMConfig
 
 SINKFREE_CONFIG = "sinkfree.json"  # a sinkfree folder: this + model.safetensors (+ tokenizer.json)
@@ -89,7 +89,7 @@ def _stream_safetensors(files: list[Path], rename: Callable[[str], str | None]) 
 
     for f in files:  # one shard open at a time: peak memory is one shard's pages plus what the caller keeps
         with safe_open(str(f), framework="pt") as sf:
-            for key in sf.keys():
+            for key in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
                 name = rename(key)
                 if name is not None:
                     yield name, sf.get_tensor(key)
