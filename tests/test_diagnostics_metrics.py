@@ -5,8 +5,16 @@ import pytest
 import torch
 
 from sinkfree.diagnostics.metrics import (
-    GateStats, PerHeadMean, ResidualMagnitude, ResidualSinkDims, SinkRate, first_token_mass, learned_sink_mass,
-    max_key_mass, residual_sink_dims, value_norm_ratio,
+    GateStats,
+    PerHeadMean,
+    ResidualMagnitude,
+    ResidualSinkDims,
+    SinkRate,
+    first_token_mass,
+    learned_sink_mass,
+    max_key_mass,
+    residual_sink_dims,
+    value_norm_ratio,
 )
 
 

@@ -131,7 +131,7 @@ def test_minus_inf_learned_sink_gives_zero_sink_mass():
     masses = [r.value for r in rows if r.metric == "learned_sink_mass"]
     assert len(masses) == 3 * 2 + 3 + 1 and all(m == 0.0 for m in masses)
     rows = compute_stats(collect(FakeLLM(sink=20.0), torch.randint(0, 50, (2, 8))))
-    assert [r.value for r in rows if r.metric == "learned_sink_mass" and r.layer == -1][0] > 0.99
+    assert next(r.value for r in rows if r.metric == "learned_sink_mass" and r.layer == -1) > 0.99
 
 
 def test_stats_rows_cover_every_metric_with_gate_and_sink():

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -32,7 +32,7 @@ def probe_ids(data: str, tokenizer: Path, num_sequences: int, seq_len: int, bos:
     return dm.probe_batch(num_sequences, seq_len) if bos else dm.probe_batch(num_sequences, seq_len + 1)[:, 1:]
 
 
-def _run_config_tokenizer(checkpoint: Path, out: Path) -> Optional[Path]:
+def _run_config_tokenizer(checkpoint: Path, out: Path) -> Path | None:
     """The tokenizer a run trained on: its config.yaml's `data` rebuilt (cached tokenizers load, others
     retrain deterministically), saved to OUT/tokenizer.json. None when there is no run config."""
     import yaml
@@ -51,7 +51,7 @@ def _run_config_tokenizer(checkpoint: Path, out: Path) -> Optional[Path]:
     return out / "tokenizer.json"
 
 
-def _tokenizer_path(checkpoint: str, given: Optional[str], out: Path) -> Path:
+def _tokenizer_path(checkpoint: str, given: str | None, out: Path) -> Path:
     """--tokenizer, else tokenizer.json beside the checkpoint or in its run folder, else the run config's."""
     if given:
         return Path(given)
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def sinks_main(argv: Optional[Sequence[str]] = None) -> int:
+def sinks_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `sinkfree sinks ...`; returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.command == "probe" and (args.num_sequences < 1 or args.seq_len < 2):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import csv
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from sinkfree.diagnostics.probe import PER_DIM_METRICS, SHORT_LEN, Row, SinkStat
 CSV_HEADER = ("step", "layer", "head", "metric", "value")
 
 
-def scalar_name(row: Row) -> Optional[str]:
+def scalar_name(row: Row) -> str | None:
     """Logger key of a row: `sink/<metric>` or `resid/<metric>`, `/layer_<i>` per layer; None for rows
     that are per head or per dim (those stay in the CSV only)."""
     if row.head != -1 or row.metric in PER_DIM_METRICS:
@@ -62,7 +62,7 @@ class SinkMonitor(Callback):
     """
 
     def __init__(self, every_n_steps: int = 250, num_sequences: int = 8, seq_len: int = 512,
-                 layers_for_maps: Optional[list[int]] = None, output: str = "sinks/stats.csv",
+                 layers_for_maps: list[int] | None = None, output: str = "sinks/stats.csv",
                  eps: float = 0.3, short_len: int = SHORT_LEN):
         """Args:
         every_n_steps: optimizer steps between probes. 250 keeps the overhead under 1% on the GPU recipes
@@ -81,9 +81,9 @@ class SinkMonitor(Callback):
                              f"{every_n_steps}, {num_sequences}, {seq_len}")
         self.every_n_steps, self.num_sequences, self.seq_len = every_n_steps, num_sequences, seq_len
         self.layers_for_maps, self.output, self.eps, self.short_len = layers_for_maps, output, eps, short_len
-        self.path: Optional[Path] = None
-        self._ids: Optional[torch.Tensor] = None
-        self._last_step: Optional[int] = None
+        self.path: Path | None = None
+        self._ids: torch.Tensor | None = None
+        self._last_step: int | None = None
         self.probe_seconds = 0.0  # total wall time spent probing on this rank
 
     def setup(self, trainer, pl_module, stage: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from matplotlib import colormaps
@@ -207,7 +206,7 @@ def gate_histogram_plot(arrays, out: Path) -> list[Path]:
                  rows)
 
 
-def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> list[Path]:
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     """Write every figure the run's data allows to `out` (default RUN_DIR's sinks/plots); returns the files."""
     stats_path = find_stats(run_dir)
     out = Path(out) if out is not None else stats_path.parent / "plots"

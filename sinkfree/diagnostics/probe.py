@@ -7,15 +7,27 @@ hook) and reduces each layer's attention on the fly, so at most one layer's prob
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from sinkfree.diagnostics.metrics import (
-    SINK_DIM_THRESHOLD, SINK_EPS, AttentionMaps, GateStats, PerHeadMean, ResidualMagnitude, ResidualSinkDims,
-    SinkRate, first_token_mass, learned_sink_mass, max_key_mass, residual_sink_dims, value_norm_ratio,
+    SINK_DIM_THRESHOLD,
+    SINK_EPS,
+    AttentionMaps,
+    GateStats,
+    PerHeadMean,
+    ResidualMagnitude,
+    ResidualSinkDims,
+    SinkRate,
+    first_token_mass,
+    learned_sink_mass,
+    max_key_mass,
+    residual_sink_dims,
+    value_norm_ratio,
 )
 
 SHORT_LEN = 64  # Gu et al. measure Sink^ε on 64-token sequences
@@ -37,22 +49,22 @@ class Row(NamedTuple):
 class LayerProbe:
     """What one block showed on the probe batch, reduced per sequence where that is exact."""
 
-    first_token: Optional[Tensor]  # (B, H) attention on key 0, mean over queries
-    max_key: Optional[Tensor]  # (B, H) max over keys of the mean attention over queries
-    sink_mass: Optional[Tensor]  # (B, H) learned-sink probability, mean over queries
-    value_ratio: Optional[Tensor]  # (B, Hkv) ‖v_0‖ / mean_j ‖v_j‖
-    gate: Optional[Tensor]  # (B, S, H, D) post-sigmoid gate, D = 1 for headwise
-    attn_map: Optional[Tensor]  # (B, Sq, Sk) head-averaged attention (map layers only)
+    first_token: Tensor | None  # (B, H) attention on key 0, mean over queries
+    max_key: Tensor | None  # (B, H) max over keys of the mean attention over queries
+    sink_mass: Tensor | None  # (B, H) learned-sink probability, mean over queries
+    value_ratio: Tensor | None  # (B, Hkv) ‖v_0‖ / mean_j ‖v_j‖
+    gate: Tensor | None  # (B, S, H, D) post-sigmoid gate, D = 1 for headwise
+    attn_map: Tensor | None  # (B, Sq, Sk) head-averaged attention (map layers only)
     resid: Tensor  # (B, S, C) fp32 residual stream after the block
-    norm_weight: Optional[Tensor]  # (C,) post-norm weight of the norm that reads this residual
+    norm_weight: Tensor | None  # (C,) post-norm weight of the norm that reads this residual
 
 
-def _capturing(module: nn.Module) -> Optional[nn.Module]:
+def _capturing(module: nn.Module) -> nn.Module | None:
     """The first module under `module` with a `capture` attribute (the attention probe hook)."""
     return next((m for m in module.modules() if hasattr(m, "capture")), None)
 
 
-def _norm_weight(norm: Optional[nn.Module]) -> Optional[Tensor]:
+def _norm_weight(norm: nn.Module | None) -> Tensor | None:
     if norm is None:
         return None
     if hasattr(norm, "effective_weight"):
@@ -61,7 +73,7 @@ def _norm_weight(norm: Optional[nn.Module]) -> Optional[Tensor]:
     return weight.detach().float().flatten() if weight is not None else None
 
 
-def _next_norms(model: nn.Module) -> list[Optional[nn.Module]]:
+def _next_norms(model: nn.Module) -> list[nn.Module | None]:
     """The norm that reads the residual after block i: block i+1's `attn_norm`, the final `norm` last."""
     layers = list(model.layers)
     nxt = [getattr(b, "attn_norm", None) for b in layers[1:]]
@@ -96,7 +108,7 @@ def collect(model: nn.Module, input_ids: Tensor, map_layers: Sequence[int] = ())
     norms = _next_norms(model)
     map_layers = {i % len(layers) for i in map_layers}
     modes = {m: m.training for m in model.modules()}
-    probes: list[Optional[LayerProbe]] = [None] * len(layers)
+    probes: list[LayerProbe | None] = [None] * len(layers)
 
     def hook(i):
         def fn(_module, _inputs, output):
@@ -131,7 +143,7 @@ def collect(model: nn.Module, input_ids: Tensor, map_layers: Sequence[int] = ())
     return probes
 
 
-def _stack(probes: Sequence[LayerProbe], field: str) -> Optional[Tensor]:
+def _stack(probes: Sequence[LayerProbe], field: str) -> Tensor | None:
     values = [getattr(p, field) for p in probes]
     return None if any(v is None for v in values) else torch.stack(values)
 
@@ -167,7 +179,7 @@ class SinkStats(nn.Module):
             m["attn_maps"] = AttentionMaps(len(self.map_layers), s, s)
         self.metrics = nn.ModuleDict(m)
 
-    def update(self, probe: Sequence[LayerProbe], probe_short: Optional[Sequence[LayerProbe]] = None) -> None:
+    def update(self, probe: Sequence[LayerProbe], probe_short: Sequence[LayerProbe] | None = None) -> None:
         """Add one probe batch; `probe_short` is the same model on the first 64 tokens (defaults to `probe`)."""
         m = self.metrics
         resid = _stack(probe, "resid")
@@ -274,7 +286,7 @@ def probe_model(model: nn.Module, input_ids: Tensor, map_layers: Sequence[int] =
     return probe, short
 
 
-def compute_stats(probe: Sequence[LayerProbe], probe_short: Optional[Sequence[LayerProbe]] = None,
+def compute_stats(probe: Sequence[LayerProbe], probe_short: Sequence[LayerProbe] | None = None,
                   step: int = 0, **kwargs) -> list[Row]:
     """Tidy rows for one probe in this process (no cross-rank reduction); kwargs go to `SinkStats`."""
     stats = SinkStats(probe, **kwargs).to(probe[0].resid.device)
