@@ -180,3 +180,21 @@ def test_collect_on_real_llm_with_gate_and_sink():
     assert torch.all(p.first_token <= full) and torch.all(p.sink_mass > 0)
     rows = compute_stats(probes, step=1)
     assert {"gate_mean", "learned_sink_mass", "value_norm_ratio"} <= {r.metric for r in rows}
+
+
+def test_preaffine_scale_reported_at_residual_sink_dims():
+    llm = pytest.importorskip("sinkfree.models.llm")
+    torch.manual_seed(0)
+    cfg = llm.LLMConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=4, block_size=64, residual_sink="preaffine")
+    model = llm.LLM(cfg)
+    with torch.no_grad():
+        model.embed.weight[:, 5] = 50.0  # dim 5 dominates every token's residual stream
+        model.layers[1].attn_norm.pre_scale[5] = 0.02  # ... and the next PreAffine λ absorbs it
+    rows = compute_stats(collect(model, torch.randint(0, 64, (2, 16))))
+    get = {(r.layer, r.head, r.metric): r.value for r in rows}
+    assert get[(0, 5, "resid_sink_dim_prescale")] == pytest.approx(0.02)
+    assert get[(0, -1, "norm_prescale_ratio")] == pytest.approx(1.0)  # |λ| max/median: 1 vs 1
+    assert get[(1, 5, "resid_sink_dim_prescale")] == pytest.approx(1.0)  # the final norm's λ is untouched
+    plain = compute_stats(collect(llm.LLM(llm.LLMConfig(vocab_size=64, n_layer=1, n_embd=32, n_head=4)),
+                                  torch.randint(0, 64, (1, 8))))
+    assert "norm_prescale_ratio" not in {r.metric for r in plain}

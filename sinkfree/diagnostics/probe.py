@@ -32,7 +32,7 @@ from sinkfree.diagnostics.metrics import (
 
 SHORT_LEN = 64  # Gu et al. measure Sink^ε on 64-token sequences
 # Metrics whose `head` column holds a residual dimension instead of a head.
-PER_DIM_METRICS = ("massive_dim", "resid_sink_dim", "resid_sink_dim_weight")
+PER_DIM_METRICS = ("massive_dim", "resid_sink_dim", "resid_sink_dim_weight", "resid_sink_dim_prescale")
 
 
 class Row(NamedTuple):
@@ -57,6 +57,7 @@ class LayerProbe:
     attn_map: Tensor | None  # (B, Sq, Sk) head-averaged attention (map layers only)
     resid: Tensor  # (B, S, C) fp32 residual stream after the block
     norm_weight: Tensor | None  # (C,) post-norm weight of the norm that reads this residual
+    norm_pre_scale: Tensor | None = None  # (C,) that norm's PreAffine λ (residual_sink: preaffine)
 
 
 def _capturing(module: nn.Module) -> nn.Module | None:
@@ -115,7 +116,9 @@ def collect(model: nn.Module, input_ids: Tensor, map_layers: Sequence[int] = ())
             h = output[0] if isinstance(output, (tuple, list)) else output
             cap = attns[i].capture if attns[i] is not None else None
             red = _reduce_capture(cap or {}, i in map_layers)
-            probes[i] = LayerProbe(**red, resid=h.detach().float(), norm_weight=_norm_weight(norms[i]))
+            pre = getattr(norms[i], "pre_scale", None)
+            probes[i] = LayerProbe(**red, resid=h.detach().float(), norm_weight=_norm_weight(norms[i]),
+                                   norm_pre_scale=None if pre is None else pre.detach().float())
             if attns[i] is not None:
                 attns[i].capture = {}  # free this layer's probabilities before the next block runs
         return fn
@@ -162,6 +165,7 @@ class SinkStats(nn.Module):
         self.map_layers = sorted({i % n_layer for i in map_layers})
         self.sink_dim_threshold = sink_dim_threshold
         self.norm_weight = _stack(probe, "norm_weight")  # the same on every rank: not a metric state
+        self.pre_scale = _stack(probe, "norm_pre_scale")
         m: dict[str, nn.Module] = {"resid": ResidualMagnitude(), "sink_dims": ResidualSinkDims(n_layer, width)}
         if heads:
             for name in ("first_token_mass", "max_key_mass"):
@@ -259,10 +263,15 @@ class SinkStats(nn.Module):
             weight = self.norm_weight[layer] if self.norm_weight is not None else None
             if weight is not None:
                 add(layer, -1, "norm_weight_median", weight.median())
+            pre = self.pre_scale[layer].abs() if self.pre_scale is not None else None
+            if pre is not None:
+                add(layer, -1, "norm_prescale_ratio", pre.max() / pre.median())
             for d in dims.tolist():
                 add(layer, d, "resid_sink_dim", row[d])
                 if weight is not None:
                     add(layer, d, "resid_sink_dim_weight", weight[d])
+                if pre is not None:
+                    add(layer, d, "resid_sink_dim_prescale", pre[d])
         add(-1, -1, "resid_sink_score", sum(scores) / len(scores))
         return rows
 
