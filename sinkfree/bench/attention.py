@@ -104,14 +104,20 @@ def _sdpa(backend):
 
 
 def _flex_fns():
+    """A fresh compiled flex_attention (dynamo reset first: one compile per shape, no recompile limit) and the
+    sink baseline built on it."""
+    import gc
+
     from torch.nn.attention.flex_attention import flex_attention
 
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
     flex = torch.compile(flex_attention, dynamic=False)
 
-    @torch.compile(dynamic=False)
     def flex_sink(q, k, v, sink, block_mask):
-        # what users run today to train with sinks: renormalise flex's output through its LSE
-        out, lse = flex_attention(q, k, v, block_mask=block_mask, return_lse=True)
+        # what users run today to train with sinks: compiled flex with return_lse, then out * sigmoid(lse - s)
+        out, lse = flex(q, k, v, block_mask=block_mask, return_lse=True)
         return out * torch.sigmoid(lse - sink.view(1, -1, 1)).unsqueeze(-1).to(out.dtype)
 
     return flex, flex_sink
@@ -131,9 +137,9 @@ def bench_dense(args, run, rows, providers):
 
     from sinkfree_kernels import flash_attention
 
-    flex, flex_sink = _flex_fns()
     for text in args.dense_shapes:
         b, h, s, d, causal = parse_shape(text)
+        flex, flex_sink = _flex_fns()
         g = torch.Generator(device="cuda").manual_seed(args.seed)
         q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
                    for _ in range(3))
@@ -151,7 +157,7 @@ def bench_dense(args, run, rows, providers):
         grads = [q, k, v, sink]
         _run_all(cands, providers, "dense", text, args.modes, run, grads, rows,
                  lambda mode: _flops(b, h, s, s, d, causal, mode))
-        del q, k, v, sink
+        del q, k, v, sink, cands, bm
 
 
 def _flex_block_mask(idx, cnt, nk, tile, s):
@@ -171,7 +177,6 @@ def bench_sparse(args, run, rows, providers):
     from sinkfree_kernels import block_sparse_attention, map_from_lists, random_lists
 
     b, h, s, d, _ = parse_shape(args.sparse_shape)
-    flex, _ = _flex_fns()
     vsa = _load_vsa()
     g = torch.Generator(device="cuda").manual_seed(args.seed)
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
@@ -187,6 +192,7 @@ def bench_sparse(args, run, rows, providers):
                                 generator=torch.Generator().manual_seed(args.seed), device="cuda")
         nk = -(-s // tile)
         kept = cnt.sum().item() / (b * h * cnt.shape[-1] * nk)
+        flex, _ = _flex_fns()
         cands = {
             f"block_sparse{tile}": lambda: block_sparse_attention(q, k, v, idx, cnt, None, False,
                                                                   tile_q=tile, tile_k=tile)[0],
