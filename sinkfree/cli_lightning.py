@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import glob
+import importlib
 import os
 import re
 import sys
+import tempfile
 from typing import Any
 
 from jsonargparse import Namespace
@@ -26,6 +29,14 @@ def _latest_resumable(run_root: str) -> tuple[str, str] | None:
         return None
     _, _, version, ckpt = max(found)
     return version, ckpt
+
+
+def root_message(err: BaseException) -> str:
+    """First line of the innermost cause: jsonargparse wraps our one-line errors in Union reports."""
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
+    text = str(err).strip()
+    return text.splitlines()[0] if text else repr(err)
 
 
 class SinkfreeCLI(LightningCLI):
@@ -52,12 +63,13 @@ class SinkfreeCLI(LightningCLI):
         save_dir = init.get("save_dir") if init is not None else cfg.trainer.get("default_root_dir")
         if not save_dir:
             return
-        probe = os.path.abspath(save_dir)
-        while not os.path.exists(probe):
-            probe = os.path.dirname(probe)
-        if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        try:  # really try: permission bits say little when running as root
+            os.makedirs(save_dir, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=save_dir):
+                pass
+        except OSError as err:
             self.parser.error(
-                f"trainer.logger save_dir={save_dir!r} is not writable ({probe} is not a writable folder); "
+                f"trainer.logger save_dir={save_dir!r} is not a writable folder ({err.strerror}); "
                 "choose a run folder you can write, e.g. --trainer.logger.init_args.save_dir runs"
             )
 
@@ -78,12 +90,68 @@ class SinkfreeCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except USER_ERRORS as err:
-            self.parser.error(str(err).splitlines()[0] if str(err) else repr(err))
+            self.parser.error(root_message(err))
+
+
+def _component_help(argv: list[str]) -> str:
+    """Help for the model and data classes of the recipe in `argv` (LightningCLI shows only their names)."""
+    from jsonargparse import ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    model_cls, data_cls = "sinkfree.tasks.CausalLM", "sinkfree.data.TextDataModule"
+    if "--config" in argv or "-c" in argv:
+        i = argv.index("--config") if "--config" in argv else argv.index("-c")
+        try:
+            import yaml
+
+            with open(argv[i + 1]) as f:
+                cfg = yaml.safe_load(f) or {}
+            model_cls = (cfg.get("model") or {}).get("class_path", model_cls)
+            data_cls = (cfg.get("data") or {}).get("class_path", data_cls)
+        except (OSError, IndexError, yaml.YAMLError):
+            pass
+    parts = []
+    for key, path in (("model", model_cls), ("data", data_cls)):
+        module, _, name = path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        p = ArgumentParser(prog=f"sinkfree {argv[0]}", add_help=False, usage=argparse.SUPPRESS)
+        p.add_class_arguments(cls, key, fail_untyped=False)
+        parts.append(f"\n{key} options ({path}; set them in the recipe under `{key}.init_args`, or as "
+                     f"--{key}.NAME VALUE):\n" + p.format_help())
+        arch = _dataclass_arg(cls, "arch")
+        if arch is not None:
+            p = ArgumentParser(prog=f"sinkfree {argv[0]}", add_help=False, usage=argparse.SUPPRESS)
+            p.add_class_arguments(arch, f"{key}.arch")
+            parts.append(f"\n{key}.arch options ({arch.__name__}: the architecture and its sink switches):\n"
+                         + p.format_help())
+    return "".join(parts)
+
+
+def _dataclass_arg(cls: type, name: str) -> type | None:
+    """The dataclass type of `cls.__init__`'s argument `name` (unwrapping Optional), if any."""
+    import dataclasses
+    import typing
+
+    try:
+        hint = typing.get_type_hints(cls.__init__).get(name)
+    except (NameError, TypeError):
+        return None
+    for t in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(t):
+            return t
+    return None
 
 
 def run_lightning_cli(argv: list[str]) -> None:
     """Run one LightningCLI verb (`fit`, `validate`, `test`, `predict`) with `argv` (verb first)."""
     sys.argv = sys.argv[:1]  # the verb's options come through `args`; LightningCLI warns when both are set
+    if "-h" in argv or "--help" in argv:
+        try:
+            SinkfreeCLI(args=argv, subclass_mode_model=True, subclass_mode_data=True,
+                        auto_configure_optimizers=False, parser_kwargs={"prog": "sinkfree"})
+        except SystemExit:
+            print(_component_help(argv))
+            raise
     try:
         SinkfreeCLI(
             args=argv,
@@ -91,11 +159,11 @@ def run_lightning_cli(argv: list[str]) -> None:
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
+            parser_kwargs={"prog": "sinkfree"},
         )
     except USER_ERRORS as err:
         # Raised while the run sets itself up (a data path, a tokenizer that does not fit the model, ...).
         if os.environ.get("SINKFREE_DEBUG"):
             raise
-        msg = str(err).splitlines()[0] if str(err) else repr(err)
-        sys.stderr.write(f"sinkfree {argv[0]}: error: {msg}\n(set SINKFREE_DEBUG=1 for the traceback)\n")
+        sys.stderr.write(f"sinkfree {argv[0]}: error: {root_message(err)}\n(set SINKFREE_DEBUG=1 for the traceback)\n")
         sys.exit(2)

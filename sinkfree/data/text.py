@@ -42,6 +42,7 @@ class TextDataModule(L.LightningDataModule):
         max_documents: Use at most this many documents (None = all).
         max_bytes: Use at most about this many bytes of text (None = all; the embedded stdlib corpus defaults to 4 MB).
         progress: Show progress bars while training the tokenizer and tokenizing.
+        prompts: `predict` only: the texts to continue (None = one short Python prompt).
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class TextDataModule(L.LightningDataModule):
         max_documents: int | None = None,
         max_bytes: int | None = None,
         progress: bool = True,
+        prompts: Optional[list[str]] = None,
     ):
         super().__init__()
         _check(seq_len >= 2, f"data.seq_len: must be at least 2, got {seq_len}")
@@ -77,6 +79,7 @@ class TextDataModule(L.LightningDataModule):
         self.train_vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
         self.num_workers, self.bos_at_doc_start, self.val_fraction = num_workers, bos_at_doc_start, val_fraction
         self.seed, self.progress = seed, progress
+        self.prompts = list(prompts) if prompts else ["def fibonacci(n):\n"]
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         # Resolving now makes a missing file fail at config time, before any training starts.
         self.source = resolve_source(data, text_field, "train", streaming, max_documents, max_bytes)
@@ -162,6 +165,10 @@ class TextDataModule(L.LightningDataModule):
         """The validation batches (there is no separate test split)."""
         return self.val_dataloader()
 
+    def predict_dataloader(self) -> DataLoader:
+        """The `prompts`, one string per batch; the task tokenizes and continues them."""
+        return DataLoader(self.prompts, batch_size=1, collate_fn=_first)
+
     def probe_batch(self, num_sequences: int = 8, seq_len: int = 512) -> torch.Tensor:
         """Fixed (num_sequences, seq_len) ids cut from validation document starts, BOS first; deterministic."""
         self.setup()
@@ -180,6 +187,10 @@ class TextDataModule(L.LightningDataModule):
             stream, s = candidates[p]
             rows.append(np.concatenate([[self.special_ids["bos"]], stream.tokens[s: s + seq_len - 1].astype(np.int64)]))
         return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+def _first(batch: list) -> object:
+    return batch[0]
 
 
 def _check(ok: bool, message: str) -> None:

@@ -36,32 +36,59 @@ class LLMConfig:
     """Architecture of the decoder; field names are the YAML keys under `model.arch`."""
 
     vocab_size: int = 32000
+    """Vocabulary size (embedding rows); at least the tokenizer's vocabulary."""
     n_layer: int = 12
+    """Number of decoder blocks."""
     n_embd: int = 768
+    """Residual stream width."""
     n_head: int = 12
+    """Query heads."""
     n_kv_head: int | None = None
+    """Key/value heads for GQA; None = n_head."""
     head_dim: int | None = None
+    """Per-head dimension; None = n_embd // n_head (which must divide)."""
     intermediate_size: int | None = None
+    """SwiGLU hidden size; None = 8/3 * n_embd rounded up to a multiple of 64."""
     block_size: int = 2048
+    """Maximum sequence length (RoPE tables)."""
     rms_norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm."""
     rope_theta: float = 10000.0
+    """RoPE base frequency."""
     rope_scaling: dict | None = None
+    """RoPE scaling: None, or {type: linear|llama3|yarn, factor, ...} as in HF configs."""
     tie_embeddings: bool = False
+    """Share the input embedding and the output projection."""
     attn_bias: bool = False
+    """Biases on the q/k/v projections (Qwen2)."""
     qk_norm: bool = False
+    """RMSNorm on each head's q and k before RoPE (Qwen3; needed for stable 8-bit attention)."""
     attn_gate: str = "none"
+    """Sigmoid gate on the attention output before o_proj: none, headwise or elementwise."""
     attn_gate_identity_init: bool = False
+    """Start the gate as exactly 1 (zero weights, 2*sigmoid): for retrofitting a trained model."""
     attn_sink: str = "none"
+    """Sink logit in the softmax denominator: none, learnable (per head) or off_by_one (fixed 0)."""
     sink_init: float = 0.0
+    """Initial value of the learnable sink logits."""
     residual_sink: str = "none"
+    """Residual-sink fix on the RMSNorms: none, preaffine (RMSNorm(lambda*x)) or gatednorm."""
     gatednorm_rank: int = 16
+    """Bottleneck rank of GatedNorm's gate."""
     gatednorm_identity_init: bool = False
+    """Start GatedNorm as exactly RMSNorm (W_up = 0, 2*sigmoid): for retrofits."""
     norm: str = "rmsnorm"
+    """Residual-side norm: rmsnorm, zero_centered ((1+w), keeps weight decay), dyt or identity (ablations)."""
     attn_softmax: str = "softmax"
+    """softmax, or sigmoid (no normalization, bias -log n; the ablation, eager backend only)."""
     outlier_clip: float | None = None
+    """Clamp block outputs (attention, MLP) to (-c, c) before the residual add: the clipping ablation."""
     attn_logit_clip: float | None = None
+    """Clamp attention logits to (-c, c) before the softmax (eager backend only)."""
     attn_backend: str = "sdpa"
+    """Attention backend from the registry: sdpa (default), eager, flash, block_sparse, topk, ..."""
     init_std: float = 0.02
+    """Std of the normal init of linear and embedding weights."""
 
     def __post_init__(self):
         # YAML `none`/null for the string switches and the clip both mean "off".

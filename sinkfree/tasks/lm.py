@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional
 
 import lightning as L
 import torch
@@ -30,7 +30,7 @@ class CausalLM(L.LightningModule):
 
     def __init__(
         self,
-        arch: Union[LLMConfig, dict, None] = None,
+        arch: Optional[LLMConfig] = None,
         init_from: Optional[str] = None,
         trainable: Literal["all", "new"] = "all",
         lr: float = 3e-4,
@@ -40,7 +40,6 @@ class CausalLM(L.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         compile: bool = False,
-        prompts: Optional[list[str]] = None,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -60,7 +59,6 @@ class CausalLM(L.LightningModule):
             warmup_steps: linear warmup steps before the cosine decay.
             min_lr_ratio: final learning rate as a fraction of `lr` at the end of the cosine.
             compile: compile the model with torch.compile (in place, so checkpoint keys stay plain).
-            prompts: `predict` only: prompts to continue (default: one short Python prompt).
             max_new_tokens: `predict` only: tokens to generate per prompt.
             temperature: `predict` only: 0 for greedy decoding, > 0 for sampling.
             top_p: `predict` only: nucleus sampling threshold in (0, 1].
@@ -173,10 +171,6 @@ class CausalLM(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- prediction: text generation ----------------------------------------------------------------
-    def predict_dataloader(self) -> Any:
-        prompts = self.hparams.prompts or ["def fibonacci(n):\n"]
-        return torch.utils.data.DataLoader(prompts, batch_size=1, collate_fn=lambda b: b[0])
-
     def predict_step(self, prompt: str, batch_idx: int) -> str:
         tok = getattr(self.trainer.datamodule, "tokenizer", None)
         if tok is None:
