@@ -12,7 +12,7 @@ from ._tuning import make_configs, prune_for_tiles
 # the first valid config is the untuned default (SINKFREE_AUTOTUNE=0): 2 stages fit shared memory everywhere
 DKDV_CONFIGS = make_configs([(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3),
                              (128, 128, 8, 2)])
-DQ_CONFIGS = make_configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)])
+DQ_CONFIGS = make_configs([(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)])
 
 _KEY = ["SEQ_KEY", "HEAD_DIM", "CAUSAL", "SPARSE", "TILE_M", "TILE_N", "HAS_KLEN", "ATOMIC_DQ"]
 _EVEN = {
