@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from typing import Any, Optional
@@ -49,24 +50,37 @@ class StepTimer(L.Callback):
             self._t0 = None
 
 
-def bench_recipe(recipe: str, steps: int, skip: int, overrides: list[str]) -> dict:
-    """Train `recipe` for `steps` steps and report median step time, tokens/s and model FLOPs/token."""
+def bench_recipe(recipe: str, steps: int, skip: int, overrides: list[str], monitor_every: int = 0) -> dict:
+    """Train `recipe` for `steps` steps and report step time, tokens/s and model FLOPs/token; with
+    `monitor_every` > 0 a SinkMonitor probes every that many steps and its cost is reported."""
     from sinkfree.cli_lightning import SinkfreeCLI
 
     args = ["--config", recipe, f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0",
-            "--trainer.enable_checkpointing=false", "--trainer.logger=false", *overrides]
+            "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false", "--trainer.logger=false", *overrides]
     cli = SinkfreeCLI(args=args, run=False, subclass_mode_model=True, subclass_mode_data=True,
                       auto_configure_optimizers=False, save_config_callback=None)
     timer = StepTimer(skip)
-    cli.trainer.callbacks.append(timer)
+    monitor = None
+    if monitor_every:
+        from sinkfree.diagnostics.monitor import SinkMonitor
+
+        monitor = SinkMonitor(every_n_steps=monitor_every, output=os.path.abspath("bench-sinks/stats.csv"))
+        cli.trainer.callbacks.append(monitor)
+    cli.trainer.callbacks.append(timer)  # after the monitor, so a step's time includes its probe
     cli.trainer.fit(cli.model, cli.datamodule)
     step_s = statistics.median(timer.times)
     tokens = timer.tokens[-1]
     seq = cli.datamodule.hparams.get("seq_len") if hasattr(cli.datamodule, "hparams") else None
     seq = seq or cli.model.model.config.block_size
     fpt = cli.model.model.flops_per_token(seq)
+    probes = {}
+    if monitor is not None:
+        n = 2 + steps // monitor_every  # at start, every N steps, at the end
+        probes = {"monitor_every": monitor_every, "probe_s_each": monitor.probe_seconds / n}
     return {
-        "recipe": recipe,
+        **probes,
+        "recipe": recipe + (f" + SinkMonitor/{monitor_every}" if monitor_every else ""),
+        "step_ms_mean": statistics.mean(timer.times) * 1e3,
         "params": cli.model.model.num_params(),
         "step_ms": step_s * 1e3,
         "tokens_per_s": tokens / step_s,
@@ -89,6 +103,9 @@ def lm_main(argv: list[str]) -> int:
     p.add_argument("--skip", type=int, default=30, help="warm-up steps left out of the timing (default 30)")
     p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                    help="extra LightningCLI override for every recipe, e.g. --set=--model.compile=true")
+    p.add_argument("--monitor-every", type=int, default=0, metavar="N",
+                   help="also train the first recipe with a SinkMonitor probing every N steps and report its "
+                   "overhead (mean step time against the plain run, and per probe)")
     p.add_argument("--json", default=None, help="write the results as JSON to this file")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -96,6 +113,11 @@ def lm_main(argv: list[str]) -> int:
     card = torch.cuda.get_device_name()
     peak = matmul_peak_tflops()
     rows = [bench_recipe(r, a.steps, a.skip, a.set) for r in a.recipes]
+    if a.monitor_every:
+        mon = bench_recipe(a.recipes[0], a.steps, a.skip, a.set, a.monitor_every)
+        mon["monitor_overhead_measured"] = mon["step_ms_mean"] / rows[0]["step_ms_mean"] - 1
+        mon["monitor_overhead_at_250"] = mon["probe_s_each"] * 1e3 / (250 * rows[0]["step_ms"])
+        rows.append(mon)
     base = rows[0]["tokens_per_s"]
     print(f"\ncard: {card}   measured bf16 matmul peak: {peak:.0f} TFLOP/s")
     print(f"{'recipe':40s} {'params':>8s} {'ms/step':>8s} {'tok/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'vs 1st':>6s}")
@@ -104,6 +126,11 @@ def lm_main(argv: list[str]) -> int:
         r["ratio_to_first"] = r["tokens_per_s"] / base
         print(f"{r['recipe']:40s} {r['params'] / 1e6:7.1f}M {r['step_ms']:8.1f} {r['tokens_per_s']:10.0f} "
               f"{r['tflops']:8.1f} {r['mfu']:6.1%} {r['ratio_to_first']:6.3f}")
+    for r in rows:
+        if "probe_s_each" in r:
+            print(f"SinkMonitor: {r['probe_s_each']:.3f} s per probe; mean step time +"
+                  f"{r['monitor_overhead_measured']:.2%} probing every {r['monitor_every']} steps; "
+                  f"{r['monitor_overhead_at_250']:.2%} projected at every 250 steps")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"card": card, "matmul_peak_tflops": peak, "rows": rows}, f, indent=2)

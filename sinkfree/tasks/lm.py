@@ -159,10 +159,8 @@ class CausalLM(L.LightningModule):
         groups = self.model.param_groups(self.hparams.weight_decay)
         groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in groups]
         groups = [g for g in groups if g["params"]]
-        fused = all(p.is_cuda for g in groups for p in g["params"])
-        opt = torch.optim.AdamW(
-            groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused
-        )
+        # foreach, not fused: Lightning refuses gradient clipping with optimizers that unscale internally.
+        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(self.hparams.warmup_steps, total)
         sched = torch.optim.lr_scheduler.LambdaLR(
