@@ -12,7 +12,7 @@ from .tiles import lists_from_map, map_from_lists, random_lists, token_mask, tra
 _OPS = ("SUPPORTED_HEAD_DIMS", "block_sparse_attention", "flash_attention")
 
 __all__ = [
-    *_OPS, "attention_reference", "block_sparse_attention_reference", "lists_from_map", "map_from_lists",
+    "SUPPORTED_HEAD_DIMS", "block_sparse_attention", "flash_attention", "attention_reference", "block_sparse_attention_reference", "lists_from_map", "map_from_lists",
     "masked_attention_reference", "random_lists", "token_mask", "transpose_lists",
 ]
 

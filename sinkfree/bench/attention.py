@@ -157,7 +157,7 @@ def bench_dense(args, run, rows, providers):
         grads = [q, k, v, sink]
         _run_all(cands, providers, "dense", text, args.modes, run, grads, rows,
                  lambda mode: _flops(b, h, s, s, d, causal, mode))
-        del q, k, v, sink, cands, bm
+        cands = q = k = v = sink = bm = None  # free this shape's tensors before the next one
 
 
 def _flex_block_mask(idx, cnt, nk, tile, s):
