@@ -63,7 +63,7 @@ class TextDataModule(L.LightningDataModule):
         max_documents: int | None = None,
         max_bytes: int | None = None,
         progress: bool = True,
-        prompts: Optional[list[str]] = None,
+        prompts: list[str] | None = None,
     ):
         super().__init__()
         _check(seq_len >= 2, f"data.seq_len: must be at least 2, got {seq_len}")
