@@ -4,7 +4,7 @@ import torch
 
 from sinkfree.checkpoints import CheckpointError, load_for_init, load_pretrained, retrofit_report
 from sinkfree.checkpoints.export import save_hf
-from sinkfree.checkpoints.retrofit import merge_arch
+from sinkfree.checkpoints.retrofit import _sink_masses, merge_arch, probe_ids
 from sinkfree.models.llm import LLM, LLMConfig
 
 BASE = LLMConfig(vocab_size=128, n_layer=3, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=96, block_size=64)
@@ -52,14 +52,21 @@ def test_learnable_sink_starts_low_and_finite(pretrained):
     init = load_for_init(folder, {**BASE.__dict__, "attn_sink": "learnable"})
     assert init.new_keys == [f"layers.{i}.attn.sink" for i in range(BASE.n_layer)]
     assert -1e4 < init.config.sink_init < 0
+    # one calibrated logit per (layer, head), returned in the state dict (so nothing is missing)
+    logits = torch.stack([init.state_dict[k] for k in init.new_keys])
+    assert logits.shape == (BASE.n_layer, BASE.n_head) and logits.dtype == torch.float32
+    assert init.config.sink_init == logits.min().item() and logits.unique().numel() > 1
     model = LLM(init.config).eval()  # what the task does with init_from
     missing, unexpected = model.load_state_dict(init.state_dict, strict=False)
-    assert sorted(missing) == init.new_keys and not unexpected
+    assert not missing and not unexpected
     report = retrofit_report(model)
     assert report["max_sink_mass"] <= 1e-3
+    # every head's own worst-query sink mass is close to the bound, not ~1e-9 (which would get ~no gradient)
+    masses = _sink_masses(model, probe_ids(BASE.vocab_size, None, length=BASE.block_size), logits)
+    assert masses.max() <= 1e-3 and masses.min() >= 3e-4, masses
     with torch.no_grad():
         change = (model(probe()) - plain(probe())).abs().max().item()
-    print(f"sink_init {init.config.sink_init:.2f}: max sink mass {report['max_sink_mass']:.1e}, "
+    print(f"sink logits {logits.min():.2f}..{logits.max():.2f}: max sink mass {report['max_sink_mass']:.1e}, "
           f"largest logit change at step 0 {change:.2e}")
     assert change < 1e-2
     model.train()

@@ -112,7 +112,7 @@ class InitFrom(NamedTuple):
     new_keys: list[str]
 
 
-def _build(path: str | Path, overrides: dict | None) -> tuple[LLM, list[str]]:
+def _build(path: str | Path, overrides: dict | None) -> tuple[LLM, list[str], set[str]]:
     source = open_checkpoint(path)
     check_keys(source.shapes, source.config(), str(source.path))
     arch = merge_arch(source.arch, overrides or {}, str(source.path))
@@ -120,13 +120,16 @@ def _build(path: str | Path, overrides: dict | None) -> tuple[LLM, list[str]]:
     model = LLM(config)
     filled = _copy_into(model, source)
     new_keys = sorted(n for n, _ in model.named_parameters() if n not in filled)
-    sinks_added = any(k.endswith("attn.sink") for k in new_keys)
+    sinks_added = [k for k in new_keys if k.endswith("attn.sink")]
+    calibrated: set[str] = set()
     if sinks_added and "sink_init" not in explicit_fields(overrides or {}):
-        sink_init = calibrated_sink_init(model, source)
-        config = dataclasses.replace(config, sink_init=sink_init)
+        logits = calibrated_sink_init(model, source)  # (L, H), left in the model's sinks
+        # sink_init (what reset_parameters would fill) is the lowest of them: within the bound for every head.
+        config = dataclasses.replace(config, sink_init=float(logits.min()))
         model.config = config
+        calibrated = set(sinks_added)
     retrofit_report(model, source)
-    return model, new_keys
+    return model, new_keys, calibrated
 
 
 def load_pretrained(path: str | Path, overrides: dict | None = None) -> LLM:
@@ -142,12 +145,15 @@ def load_pretrained(path: str | Path, overrides: dict | None = None) -> LLM:
 def load_for_init(path: str | Path, arch_overrides: dict | None = None) -> InitFrom:
     """`--model.init_from`: (config, state_dict of the checkpoint's weights, names of the new parameters).
 
-    The state dict holds only what the checkpoint provides; `LLM(config)` initialises the new parameters
-    as an identity (config carries the identity-init flags and the calibrated `sink_init`), so
-    `model.load_state_dict(state_dict, strict=False)` reports exactly `new_keys` as missing.
+    The state dict holds what the checkpoint provides plus the per-head calibrated sink logits
+    (`layers.{i}.attn.sink`, when a learnable sink is added without an explicit `sink_init`); `LLM(config)`
+    initialises the other new parameters as an identity (config carries the identity-init flags). So
+    `model.load_state_dict(state_dict, strict=False)` reports the new parameters *except* the calibrated
+    sinks as missing: use `new_keys` to know which parameters are new.
     """
-    model, new_keys = _build(path, arch_overrides)
-    state = {k: v for k, v in model.state_dict().items() if k not in set(new_keys)}
+    model, new_keys, calibrated = _build(path, arch_overrides)
+    skip = set(new_keys) - calibrated
+    state = {k: v for k, v in model.state_dict().items() if k not in skip}
     return InitFrom(model.config, state, new_keys)
 
 

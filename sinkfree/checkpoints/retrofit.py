@@ -4,7 +4,8 @@ The checkpoint owns every field that fixes a weight's shape or meaning (sizes, R
 qk-norm, tied embeddings, norm kind). A recipe may add `attn_gate`, `attn_sink` and `residual_sink`;
 they start as an exact identity (gates: 2·σ(0) with zero weights; GatedNorm: 2·σ(W_up·…) with W_up = 0;
 PreAffine: λ = 1). A learnable sink logit starts finite (−∞ would get no gradient) and low enough that
-its mass on a probe batch is ≤ 1e-3: `calibrated_sink_init`.
+its mass on a probe batch is ≤ 1e-3: `calibrated_sink_init` picks one logit per (layer, head), each
+close to that bound, so every head's sink gets a usable gradient.
 """
 from __future__ import annotations
 
@@ -106,16 +107,18 @@ def _tokenizer_text(source) -> str | None:
     return file if file is None or isinstance(file, str) else file.read_text()
 
 
-def _sink_masses(model: LLM, idx: torch.Tensor, value: float) -> torch.Tensor:
-    """Set every learnable sink to `value`; the max sink mass of each (layer, head) over the probe rows."""
+def _sink_masses(model: LLM, idx: torch.Tensor, values: float | torch.Tensor) -> torch.Tensor:
+    """Set the learnable sinks to `values` (a scalar, or (L, H) per layer and head); the max sink mass of
+    each (layer, head) over the probe's rows and queries, (L, H)."""
     attns = [b.attn for b in model.layers if b.attn.sink_kind == "learnable"]
+    values = torch.as_tensor(values, dtype=torch.float32).expand(len(attns), attns[0].n_head)
     with torch.no_grad():
-        for a in attns:
-            a.sink.fill_(value)
+        for a, v in zip(attns, values):
+            a.sink.copy_(v.to(a.sink.device))
             a.capture = {}
         try:
             model(idx)
-            masses = torch.stack([a.capture["sink_mass"].float() for a in attns])  # (L, B, H, S)
+            masses = torch.stack([a.capture["sink_mass"].float().amax(dim=(0, 2)) for a in attns])  # (L, H)
         finally:
             for a in attns:
                 a.capture = None
@@ -123,29 +126,41 @@ def _sink_masses(model: LLM, idx: torch.Tensor, value: float) -> torch.Tensor:
 
 
 def calibrated_sink_init(model: LLM, source=None, probe: torch.Tensor | None = None,
-                         max_mass: float = MAX_SINK_MASS) -> float:
-    """One sink logit for all heads such that every sink's mass on the probe batch is <= `max_mass`.
+                         max_mass: float = MAX_SINK_MASS) -> torch.Tensor:
+    """Per-(layer, head) sink logits (L, H) such that each head's sink mass on the probe batch is ≈ `max_mass`
+    at its worst query, and never above it.
 
-    With the sink at s and the row's partition function Z, the mass is e^s / (Z + e^s), so one forward at
-    s = 0 gives log Z = log((1 - m) / m) per row; s is set from the smallest log Z with a 4x margin, then
-    checked (later layers see slightly changed inputs) and lowered until the bound holds. Leaves the
-    model's sinks at the returned value.
+    With the sink at s and a row's partition function Z, the mass is e^s / (Z + e^s), so one forward at
+    s = 0 gives log Z = log((1 - m) / m) per row; each head's s starts from its smallest log Z, aimed at
+    0.7·`max_mass`. Later layers see slightly changed inputs, so the masses are re-measured and every head's
+    logit is moved by log(target / mass) until all lie in [0.35, 1]·`max_mass` (a head above the bound is
+    always corrected). One logit for all heads (calibrated to the worst head) would leave most heads at
+    ~1e-9 mass, where the gradient, ∝ mass, cannot move them. Leaves the model's sinks at the result.
     """
     c = model.config
     idx = probe if probe is not None else probe_ids(c.vocab_size, _tokenizer_text(source),
                                                      length=min(128, c.block_size))
-    target = max_mass / 4
+    target = 0.7 * max_mass
     m = _sink_masses(model, idx, 0.0).clamp(1e-30, 1 - 1e-7)
-    log_z = float(torch.log1p(-m).sub(torch.log(m)).min())
+    log_z = torch.log1p(-m) - torch.log(m)  # smallest log Z of each head (its largest mass)
     s = log_z + math.log(target / (1 - target))
-    for _ in range(8):
-        worst = float(_sink_masses(model, idx, s).max())
+    best = None  # the last logits that kept every head within the bound
+    for _ in range(12):
+        masses = _sink_masses(model, idx, s)
+        worst = float(masses.max())
         if worst <= max_mass:
-            break
-        s -= math.log(worst / target)
+            best = (s, masses)
+            if float(masses.min()) >= 0.35 * max_mass:
+                break
+        s = s + torch.log(target / masses.clamp_min(1e-30)).clamp(-30.0, 30.0)
     else:
-        raise CheckpointError(f"could not calibrate the sink logit below mass {max_mass} (last {worst:.2e})")
-    log.info("calibrated learnable sink logit %.3f: max sink mass %.2e on a %s probe", s, worst, tuple(idx.shape))
+        if best is None:
+            raise CheckpointError(f"could not calibrate the sink logits below mass {max_mass} (last {worst:.2e})")
+        s, masses = best
+        worst = float(_sink_masses(model, idx, s).max())
+    log.info("calibrated learnable sink logits per head: %.2f .. %.2f (mean %.2f); sink mass per head "
+             "%.2e .. %.2e on a %s probe", float(s.min()), float(s.max()), float(s.mean()),
+             float(masses.min()), worst, tuple(idx.shape))
     return s
 
 
