@@ -7,7 +7,7 @@ from sinkfree_kernels import (block_sparse_attention, block_sparse_attention_ref
                               lists_from_map, map_from_lists, random_lists, transpose_lists)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")
-TOL = {torch.float32: 2e-5, torch.float16: 1e-2}
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2}  # fp32: summation order over outlier keys gives ~3e-5
 
 
 def _sparse(idx, cnt, causal, tq, tk, klen=None):
@@ -111,3 +111,32 @@ def test_bad_tile_lists():
         block_sparse_attention(q, q, q, idx[:, :, :1], cnt[:, :, :1], tile_q=100, tile_k=100)
     with pytest.raises(ValueError, match="int32"):
         block_sparse_attention(q, q, q, idx[:, :, :2].long(), cnt[:, :, :2])
+
+
+def _poisoned(x, pad, value):
+    """x as a (B, H, S, D) view into a buffer whose rows S..S+pad of every head hold `value`: an unmasked
+    read past the sequence end lands in the poison (the interpreter would otherwise read neighbouring data)."""
+    b, h, s, d = x.shape
+    buf = torch.full((b, h, s + pad, d), value, dtype=x.dtype)
+    buf[:, :, :s] = x.detach()
+    return buf[:, :, :s].requires_grad_()
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+def test_blocks_smaller_than_tiles_never_read_past_the_end(causal, deterministic):
+    # GPU run 3: S a multiple of the block (64) but not of the tile (128) made EVEN_M/EVEN_N true, so the last
+    # tile's second block was loaded unmasked past S (garbage keys in dQ, garbage query rows in dK/dV).
+    # On the interpreter blocks are 64x64, so 128-tiles with S = 192 hit that path.
+    s, pad = 192, 128
+    q, k, v = make_qkv(1, 2, 1, s, s, 64, torch.float32, seed=5)
+    q, k, v = (_poisoned(t, pad, float("nan")) for t in (q, k, v))
+    idx, cnt = random_lists(1, 2, s, s, 128, 128, 1.0, generator=torch.Generator().manual_seed(1),
+                            causal=causal)
+    ref = _sparse(idx, cnt, causal, 128, 128)[1]
+
+    def fn(q, k, v, sink):
+        return block_sparse_attention(q, k, v, idx, cnt, sink, causal, tile_q=128, tile_k=128,
+                                      deterministic=deterministic)
+
+    compare(fn, ref, [q, k, v, torch.randn(2).requires_grad_()], TOL[torch.float32])
