@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import glob
 import importlib
+import logging
 import os
 import re
 import sys
@@ -13,6 +14,8 @@ from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
+
+log = logging.getLogger(__name__)
 
 # Errors a user causes with a config value: shown as one line naming the option, not a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
@@ -47,6 +50,7 @@ class SinkfreeCLI(LightningCLI):
         if cfg is None:
             return
         self._check_run_folder(cfg)
+        self._tokenizer_from_init(cfg)
         if cfg.get("ckpt_path") == "last":
             self._resume_latest(cfg)
 
@@ -72,6 +76,21 @@ class SinkfreeCLI(LightningCLI):
                 f"trainer.logger save_dir={save_dir!r} is not a writable folder ({err.strerror}); "
                 "choose a run folder you can write, e.g. --trainer.logger.init_args.save_dir runs"
             )
+
+    def _tokenizer_from_init(self, cfg: Namespace) -> None:
+        """`--model.init_from X` without `data.tokenizer`: use X's tokenizer.json (a folder's, or the one beside
+        a file), since the token ids must match the checkpoint's embeddings. An explicit tokenizer wins."""
+        model, data = cfg.get("model"), cfg.get("data")
+        model_args = model.get("init_args") if isinstance(model, Namespace) else None
+        data_args = data.get("init_args") if isinstance(data, Namespace) else None
+        init_from = model_args.get("init_from") if model_args is not None else None
+        if not init_from or data_args is None or "tokenizer" not in data_args or data_args.get("tokenizer"):
+            return
+        path = os.path.expanduser(str(init_from))
+        tok = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "tokenizer.json")
+        if os.path.isfile(tok):
+            data_args.tokenizer = tok
+            log.info("data.tokenizer not set: using %s from model.init_from", tok)
 
     def _resume_latest(self, cfg: Namespace) -> None:
         """Make `--ckpt_path last` continue the newest run folder of this recipe, in that same folder."""
@@ -145,6 +164,12 @@ def _dataclass_arg(cls: type, name: str) -> type | None:
 def run_lightning_cli(argv: list[str]) -> None:
     """Run one LightningCLI verb (`fit`, `validate`, `test`, `predict`) with `argv` (verb first)."""
     sys.argv = sys.argv[:1]  # the verb's options come through `args`; LightningCLI warns when both are set
+    pkg = logging.getLogger("sinkfree")  # show our info lines (tokenizer default, sink calibration, retrofit)
+    if not pkg.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("sinkfree: %(message)s"))
+        pkg.addHandler(handler)
+        pkg.setLevel(logging.INFO)
     if "-h" in argv or "--help" in argv:
         try:
             SinkfreeCLI(args=argv, subclass_mode_model=True, subclass_mode_data=True,

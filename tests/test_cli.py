@@ -194,3 +194,27 @@ def test_malformed_yaml(tmp_path: Path) -> None:
 def test_unknown_verb(tmp_path: Path) -> None:
     res = run_cli("trian", cwd=tmp_path)
     assert res.returncode == 2 and "unknown verb" in res.stderr
+
+
+def _tokenizer_of_cli(tmp_path: Path, *extra: str) -> str | None:
+    args = ["--config", str(TINY), *tiny_overrides(tmp_path), *extra]
+    cli = SinkfreeCLI(args=args, run=False, subclass_mode_model=True, subclass_mode_data=True,
+                      auto_configure_optimizers=False, save_config_callback=None)
+    return cli.datamodule.tokenizer_path
+
+
+def test_init_from_folder_supplies_the_default_tokenizer(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "tokenizer.json").write_text("{}")  # only its presence matters until the data is set up
+    with caplog.at_level("INFO", logger="sinkfree"):
+        assert _tokenizer_of_cli(tmp_path, f"--model.init_from={ckpt}") == str(ckpt / "tokenizer.json")
+    assert "data.tokenizer not set" in caplog.text
+    # a file inside such a folder (a .safetensors, a .ckpt) finds the tokenizer beside it
+    assert _tokenizer_of_cli(tmp_path, f"--model.init_from={ckpt / 'model.safetensors'}") == str(ckpt / "tokenizer.json")
+    # an explicit data.tokenizer wins; no tokenizer.json leaves it unset; no init_from changes nothing
+    other = tmp_path / "other.json"
+    other.write_text("{}")
+    assert _tokenizer_of_cli(tmp_path, f"--model.init_from={ckpt}", f"--data.tokenizer={other}") == str(other)
+    assert _tokenizer_of_cli(tmp_path, f"--model.init_from={tmp_path / 'cache'}") is None
+    assert _tokenizer_of_cli(tmp_path) is None

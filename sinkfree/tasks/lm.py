@@ -34,6 +34,7 @@ class CausalLM(L.LightningModule):
         init_from: Optional[str] = None,
         trainable: Literal["all", "new"] = "all",
         lr: float = 3e-4,
+        sink_lr_scale: float = 1.0,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
@@ -53,6 +54,10 @@ class CausalLM(L.LightningModule):
             trainable: which parameters train: `all`, or `new` (only parameters the checkpoint lacks, e.g.
                 gates, sink logits, GatedNorm) when fine-tuning with `init_from`.
             lr: peak learning rate of AdamW.
+            sink_lr_scale: learnable sink logits (`attn_sink: learnable`) train at `lr × sink_lr_scale`, in
+                their own AdamW group (no weight decay; same warmup and cosine). A fine-tune's small `lr`
+                barely moves a retrofitted sink logit (its gradient is ∝ its mass, ~1e-3 at the start), so
+                fine-tune recipes use ~100.
             weight_decay: AdamW weight decay on matrices and embeddings (never on norms, biases, sinks).
             betas: AdamW betas.
             eps: AdamW epsilon.
@@ -73,6 +78,8 @@ class CausalLM(L.LightningModule):
             raise ValueError("model.trainable='new' needs model.init_from (a checkpoint to add parameters to)")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"model.top_p={top_p} must be in (0, 1]")
+        if not sink_lr_scale > 0:
+            raise ValueError(f"model.sink_lr_scale={sink_lr_scale} must be > 0")
         if temperature < 0:
             raise ValueError(f"model.temperature={temperature} must be >= 0")
         self.arch = arch
@@ -99,7 +106,8 @@ class CausalLM(L.LightningModule):
             missing, unexpected = self.model.load_state_dict(state, strict=False)
             if unexpected:
                 raise ValueError(f"model.init_from={self.hparams.init_from}: unexpected keys {unexpected[:5]}")
-            self.new_parameter_names = sorted(missing)
+            # new_keys, not `missing`: the calibrated sink logits are new but come in the state dict.
+            self.new_parameter_names = sorted(new_names)
             # The checkpoint's weights are now in; a reload (load_from_checkpoint, resume) must not need the
             # original file, so the saved hyper-parameters carry the resolved architecture instead.
             self.hparams["arch"] = dataclasses.asdict(arch)
@@ -107,7 +115,7 @@ class CausalLM(L.LightningModule):
             self.hparams["trainable"] = "all"
             if self._trainable == "new":
                 for name, p in self.model.named_parameters():
-                    p.requires_grad_(name in missing)
+                    p.requires_grad_(name in new_names)
         else:
             self.model = LLM(self.arch)
         if self.hparams.compile:
@@ -157,7 +165,10 @@ class CausalLM(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         groups = self.model.param_groups(self.hparams.weight_decay)
-        groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in groups]
+        sinks = {id(b.attn.sink) for b in self.model.layers if b.attn.sink_kind == "learnable"}
+        groups = [dict(g, params=[p for p in g["params"] if p.requires_grad and id(p) not in sinks]) for g in groups]
+        groups.append({"params": [p for p in self.model.parameters() if id(p) in sinks and p.requires_grad],
+                       "weight_decay": 0.0, "lr": self.hparams.lr * self.hparams.sink_lr_scale, "name": "sinks"})
         groups = [g for g in groups if g["params"]]
         # foreach, not fused: Lightning refuses gradient clipping with optimizers that unscale internally.
         opt = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
