@@ -70,8 +70,8 @@ class Attention(nn.Module):
             with torch.no_grad():
                 self.sink.fill_(self.sink_init)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x (B, S, C) -> (B, S, C); rope = (cos, sin) each (S, D) or (B, S, D), or None."""
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """x (B, S, C) -> q (B, H, S, D), k, v (B, Hkv, S, D): projections, qk-norm and RoPE."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_head, self.head_dim)
         k = self.k_proj(x).view(b, s, self.n_kv_head, self.head_dim)
@@ -81,16 +81,11 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        sink = None if self.sink is None else self.sink.float()
-        if self.capture is not None:
-            eager = AttentionSpec("eager", self.spec.causal, self.spec.scale, self.spec.softmax,
-                                  self.spec.logit_clip)
-            out, probs, sink_mass = attend_with_probs(q.float(), k.float(), v.float(), eager, sink)
-            out = out.to(q.dtype)
-            self.capture.update(probs=probs.detach(), v=v.detach(),
-                                sink_mass=None if sink_mass is None else sink_mass.detach())
-        else:
-            out = attend(q, k, v, self.spec, sink)
+        return q, k, v
+
+    def output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Attention output (B, H, S, D) -> (B, S, C): the sigmoid output gate (from x) and o_proj."""
+        b, s, _ = x.shape
         out = out.transpose(1, 2)  # (B, S, H, D)
         gate = None
         if self.gate_proj is not None:
@@ -99,3 +94,21 @@ class Attention(nn.Module):
         if self.capture is not None:
             self.capture["gate"] = None if gate is None else gate.detach()
         return self.o_proj(out.reshape(b, s, self.n_head * self.head_dim))
+
+    def probe_attend(self, q, k, v, sink):
+        """fp32 eager attention that records probs, sink mass and v into `capture` (diagnostics)."""
+        eager = AttentionSpec("eager", self.spec.causal, self.spec.scale, self.spec.softmax, self.spec.logit_clip)
+        out, probs, sink_mass = attend_with_probs(q.float(), k.float(), v.float(), eager, sink)
+        self.capture.update(probs=probs.detach(), v=v.detach(),
+                            sink_mass=None if sink_mass is None else sink_mass.detach())
+        return out.to(q.dtype)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, S, C) -> (B, S, C); rope = (cos, sin) each (S, D) or (B, S, D), or None."""
+        q, k, v = self.project(x, rope)
+        sink = None if self.sink is None else self.sink.float()
+        if self.capture is not None:
+            out = self.probe_attend(q, k, v, sink)
+        else:
+            out = attend(q, k, v, self.spec, sink)
+        return self.output(out, x)
