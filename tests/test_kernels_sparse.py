@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernel_checks import compare, make_qkv, rel_err
+from kernel_checks import autotuned_kernels, compare, forced_configs, make_qkv, rel_err
 from sinkfree_kernels import (block_sparse_attention, block_sparse_attention_reference, flash_attention,
                               lists_from_map, map_from_lists, random_lists, transpose_lists)
 
@@ -140,3 +140,28 @@ def test_blocks_smaller_than_tiles_never_read_past_the_end(causal, deterministic
                                       deterministic=deterministic)
 
     compare(fn, ref, [q, k, v, torch.randn(2).requires_grad_()], TOL[torch.float32])
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+def test_32_blocks_on_64_tiles(causal, deterministic):
+    # the configs the GPU autotuner picked in run 3 (dK/dV 32x64, dQ 64x32) on 64-tiles, S = 160: a multiple
+    # of 32 but not of 64, like the GPU test's S = 4000 (the interpreter otherwise runs only 64x64)
+    import triton
+
+    s = 160
+    q, k, v = make_qkv(1, 2, 1, s, s, 64, torch.float32, seed=9)
+    q, k, v = (_poisoned(t, 64, float("nan")) for t in (q, k, v))
+    idx, cnt = random_lists(1, 2, s, s, 64, 64, 0.7, generator=torch.Generator().manual_seed(2), causal=causal)
+    ref = _sparse(idx, cnt, causal, 64, 64)[1]
+
+    def fn(q, k, v, sink):
+        return block_sparse_attention(q, k, v, idx, cnt, sink, causal, deterministic=deterministic)
+
+    kernels = autotuned_kernels()
+    forced = [(kernels["fwd"], triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)),
+              (kernels["dkdv"], triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2)),
+              (kernels["dq"], triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2))]
+    with forced_configs(forced):
+        compare(fn, ref, [q, k, v, torch.randn(2).requires_grad_()], TOL[torch.float32],
+                names=("q", "k", "v", "sink"))

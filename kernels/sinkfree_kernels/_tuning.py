@@ -1,17 +1,43 @@
 """Autotuning helpers shared by the attention kernels: config lists, pruning, the interpreter switch."""
 
+import functools
 import os
 
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# SINKFREE_AUTOTUNE=0 keeps only the first valid config of each kernel: quick compiles for tests
-AUTOTUNE = os.environ.get("SINKFREE_AUTOTUNE", "1") != "0"
+# the opt-in shared memory of sm_80 (99 KB): what we assume when the device limit cannot be read
+SAFE_SMEM_BYTES = 101376
+# slack for what the estimate leaves out (barriers, per-row LSE/delta buffers, small layout scratch)
+SMEM_SLACK_BYTES = 2048
+
+
+def autotune_enabled() -> bool:
+    """SINKFREE_AUTOTUNE=0 keeps only the first valid config of each kernel: quick compiles for tests. Read at
+    each tuning decision (not at import), so a test can set it after the package was imported."""
+    return os.environ.get("SINKFREE_AUTOTUNE", "1") != "0"
 
 
 def seq_bucket(n: int) -> int:
     """Autotune key for a sequence length: the next power of two (tuning once per size class)."""
     return 1 << max(int(n) - 1, 1).bit_length()
+
+
+def even_span(args, seq: str, block: str, tile: str) -> bool:
+    """True when every block a kernel walks along `seq` lies inside the sequence, so its loads need no bound
+    mask. Dense: blocks step through [0, S), so S % BLOCK == 0 suffices. Sparse: the walked blocks cover whole
+    tiles (TILE // BLOCK sub-blocks each), so the last tile's later sub-blocks reach past S whenever S is not
+    a multiple of the tile, even if it is a multiple of the block: S % TILE == 0 is needed there."""
+    n, span = args[seq], args[block]
+    if args.get("SPARSE", False):
+        span = max(span, args[tile])
+    return n % span == 0
+
+
+EVEN_HEURISTICS = {
+    "EVEN_M": lambda a: even_span(a, "Sq", "BLOCK_M", "TILE_M"),
+    "EVEN_N": lambda a: even_span(a, "Sk", "BLOCK_N", "TILE_N"),
+}
 
 
 def make_configs(specs):
@@ -22,20 +48,108 @@ def make_configs(specs):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in specs]
 
 
-def prune_for_tiles(configs, named_args, **kwargs):
-    """Keep configs whose blocks divide the sparse tiles (dense: any) and fit the registers at D=128."""
-    sparse = named_args.get("SPARSE", kwargs.get("SPARSE", False))
-    tm = named_args.get("TILE_M", kwargs.get("TILE_M", 64))
-    tn = named_args.get("TILE_N", kwargs.get("TILE_N", 64))
-    d = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM", 64))
+@functools.lru_cache(maxsize=None)
+def max_shared_memory(device_index: int | None = None) -> int:
+    """Opt-in shared memory per block of a CUDA device in bytes (H100/H200: 232448 = 227 KB); SAFE_SMEM_BYTES
+    when neither torch nor the Triton driver can tell."""
+    try:
+        import torch
+
+        idx = torch.cuda.current_device() if device_index is None else device_index
+        n = int(getattr(torch.cuda.get_device_properties(idx), "shared_memory_per_block_optin", 0) or 0)
+        if n > 0:
+            return n
+    except Exception:  # no CUDA, old torch
+        pass
+    try:
+        idx = 0 if device_index is None else device_index
+        n = int(triton.runtime.driver.active.utils.get_device_properties(idx)["max_shared_mem"])
+        if n > 0:
+            return n
+    except Exception:
+        pass
+    return SAFE_SMEM_BYTES
+
+
+def smem_estimate(kernel: str, block_m: int, block_n: int, head_dim: int, num_stages: int, elem_bytes: int = 2,
+                  sparse: bool = False, tile_m: int = 64, tile_n: int = 64, atomic_dq: bool = False) -> int:
+    """Shared memory (bytes) a config needs, an upper bound of what Triton 3.6 allocates on sm_90.
+
+    Each kernel keeps its own block's operands resident and software-pipelines the loads of the blocks it
+    walks with num_stages buffers each. In the sparse kernels the walk over a tile is a static_range of
+    TILE // BLOCK sub-blocks, unrolled inside the pipelined loop, so every sub-block's loads get their own
+    num_stages buffers: a 128-tile walked in 64-blocks needs twice the pipelined memory. Checked against
+    compiles for sm_90 (tests/test_kernels_tuning.py has the measured table):
+      fwd   resident Q (BM x D), pipelined K, V (2 x BN x D) per key sub-block;
+      dK/dV resident K, V (2 x BN x D), pipelined Q, dO (2 x BM x D) per query sub-block, plus the fp32
+            row vectors (LSE, delta); atomic dQ adds a BM x D fp32 layout-conversion buffer (and, for
+            BM < 64, one of BN x D);
+      dQ    resident Q, dO (2 x BM x D), pipelined K, V (2 x BN x D) per key sub-block.
+    """
+    e, d = elem_bytes, head_dim
+    stages = max(int(num_stages), 1)
+    if kernel == "fwd":
+        subs = max(tile_n // block_n, 1) if sparse else 1
+        resident, piped = block_m * d * e, 2 * block_n * d * e * subs
+        rows = 0
+    elif kernel == "dkdv":
+        subs = max(tile_m // block_m, 1) if sparse else 1
+        resident, piped = 2 * block_n * d * e, 2 * block_m * d * e * subs
+        rows = 2 * block_m * 4 * subs * stages
+        if atomic_dq:  # dQ (BM x D fp32) re-laid out for the atomics; below 64 rows also a K-sized buffer
+            resident += block_m * d * 4 + (block_n * d * e if block_m < 64 else 0)
+    elif kernel == "dq":
+        subs = max(tile_n // block_n, 1) if sparse else 1
+        resident, piped = 2 * block_m * d * e, 2 * block_n * d * e * subs
+        rows = 0
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    return resident + stages * piped + rows + SMEM_SLACK_BYTES
+
+
+def _arg(named_args, kwargs, name, default):
+    return named_args.get(name, kwargs.get(name, default))
+
+
+def prune_configs(configs, kernel: str, head_dim: int, sparse: bool, tile_m: int, tile_n: int, elem_bytes: int,
+                  smem_limit: int, atomic_dq: bool = False, autotune: bool = True):
+    """Pure config filter (unit-tested on CPU): keep configs whose blocks divide the sparse tiles (dense: any),
+    that fit the registers at D >= 128 (BLOCK_M x BLOCK_N <= 128 x 128) and whose estimated shared memory fits
+    smem_limit. When nothing is left, the first fallback (64-blocks, or the tile if smaller; 2 stages, then
+    1) that fits, else the smallest. autotune=False keeps only the first survivor (the untuned default)."""
+    def fits(bm, bn, stages):
+        return smem_estimate(kernel, bm, bn, head_dim, stages, elem_bytes, sparse, tile_m, tile_n,
+                             atomic_dq) <= smem_limit
+
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if sparse and (tm % bm or tn % bn):
+        if sparse and (tile_m % bm or tile_n % bn):
             continue
-        if d >= 128 and bm * bn > 128 * 128:
+        if head_dim >= 128 and bm * bn > 128 * 128:
+            continue
+        if not fits(bm, bn, c.num_stages):
             continue
         kept.append(c)
-    if not kept:  # fall back to the tile itself
-        kept = [triton.Config({"BLOCK_M": min(tm, 64), "BLOCK_N": min(tn, 64)}, num_warps=4, num_stages=2)]
-    return kept if AUTOTUNE else kept[:1]
+    if not kept:
+        bm, bn = min(tile_m, 64) if sparse else 64, min(tile_n, 64) if sparse else 64
+        options = [(bm, bn, 2), (bm, bn, 1), (min(bm, 32), min(bn, 32), 1)]
+        pick = next((o for o in options if fits(*o)), options[-1])
+        kept = [triton.Config({"BLOCK_M": pick[0], "BLOCK_N": pick[1]}, num_warps=4, num_stages=pick[2])]
+    return kept if autotune else kept[:1]
+
+
+def make_pruner(kernel: str):
+    """early_config_prune for one kernel ('fwd', 'dkdv', 'dq'): reads the launch's shapes, dtype and device."""
+    def prune(configs, named_args, **kwargs):
+        q = _arg(named_args, kwargs, "Q", None)
+        elem = q.element_size() if hasattr(q, "element_size") else 2
+        dev = getattr(getattr(q, "device", None), "index", None)
+        return prune_configs(
+            configs, kernel, head_dim=_arg(named_args, kwargs, "HEAD_DIM", 64),
+            sparse=bool(_arg(named_args, kwargs, "SPARSE", False)), tile_m=_arg(named_args, kwargs, "TILE_M", 64),
+            tile_n=_arg(named_args, kwargs, "TILE_N", 64), elem_bytes=elem, smem_limit=max_shared_memory(dev),
+            atomic_dq=bool(_arg(named_args, kwargs, "ATOMIC_DQ", False)), autotune=autotune_enabled())
+
+    prune.__name__ = f"prune_{kernel}"
+    return prune

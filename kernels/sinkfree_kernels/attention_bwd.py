@@ -7,18 +7,16 @@ usual flash backward is unchanged; the sink gradient is dsink_h = -sum_{b,i} exp
 import triton
 import triton.language as tl
 
-from ._tuning import make_configs, prune_for_tiles
+from ._tuning import EVEN_HEURISTICS, make_configs, make_pruner
 
-# the first valid config is the untuned default (SINKFREE_AUTOTUNE=0): 2 stages fit shared memory everywhere
+# the first config the pruning keeps is the untuned default (SINKFREE_AUTOTUNE=0); the pruning drops configs whose
+# estimated shared memory exceeds the device (_tuning.smem_estimate: sparse tiles walked in smaller blocks multiply it)
 DKDV_CONFIGS = make_configs([(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3),
                              (128, 128, 8, 2)])
 DQ_CONFIGS = make_configs([(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)])
 
 _KEY = ["SEQ_KEY", "HEAD_DIM", "CAUSAL", "SPARSE", "TILE_M", "TILE_N", "HAS_KLEN", "ATOMIC_DQ"]
-_EVEN = {
-    "EVEN_M": lambda a: a["Sq"] % a["BLOCK_M"] == 0,
-    "EVEN_N": lambda a: a["Sk"] % a["BLOCK_N"] == 0,
-}
+_EVEN = EVEN_HEURISTICS
 
 
 @triton.jit
@@ -91,7 +89,7 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, st
     return dk, dv
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_for_tiles},
+@triton.autotune(configs=DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": make_pruner("dkdv")},
                  reset_to_zero=["DQAcc"])
 @triton.heuristics(_EVEN)
 @triton.jit
@@ -197,7 +195,7 @@ def _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, S
     return dq
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_for_tiles})
+@triton.autotune(configs=DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": make_pruner("dq")})
 @triton.heuristics(_EVEN)
 @triton.jit
 def _attn_bwd_dq(

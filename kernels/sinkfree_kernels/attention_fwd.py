@@ -9,7 +9,7 @@ LSE -inf.
 import triton
 import triton.language as tl
 
-from ._tuning import make_configs, prune_for_tiles
+from ._tuning import EVEN_HEURISTICS, make_configs, make_pruner
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -49,12 +49,9 @@ def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, Sk, ke
 @triton.autotune(
     configs=FWD_CONFIGS,
     key=["SEQ_KEY", "HEAD_DIM", "CAUSAL", "SPARSE", "TILE_M", "TILE_N", "HAS_KLEN"],
-    prune_configs_by={"early_config_prune": prune_for_tiles},
+    prune_configs_by={"early_config_prune": make_pruner("fwd")},
 )
-@triton.heuristics({
-    "EVEN_M": lambda a: a["Sq"] % a["BLOCK_M"] == 0,
-    "EVEN_N": lambda a: a["Sk"] % a["BLOCK_N"] == 0,
-})
+@triton.heuristics(EVEN_HEURISTICS)
 @triton.jit
 def _attn_fwd(
     Q, K, V, Out, Lse, Sink, QIdx, QCnt, KLen,
