@@ -55,3 +55,14 @@ def test_bad_vsa_head_dim_is_one_line_error(tmp_path: Path, capsys) -> None:
               f"--trainer.logger.init_args.save_dir={tmp_path}"])
     assert exc.value.code == 2
     assert "head_dim=32 is not supported by attn_backend='vsa'" in capsys.readouterr().err
+
+
+def test_bench_vsa_needs_a_gpu(capsys) -> None:
+    import torch
+
+    from sinkfree.bench import bench_main
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU: the benchmark would run")
+    assert bench_main(["vsa", "--grid", "8,8,8"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

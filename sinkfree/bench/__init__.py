@@ -9,6 +9,7 @@ from typing import Optional
 BENCHES = {
     "attention": ("sinkfree.bench.attention", "bench_main", "attention kernels vs SDPA cuDNN/flash, FlexAttention, peers"),
     "lm": ("sinkfree.bench.lm", "lm_main", "training tokens/s and MFU of LLM recipes"),
+    "vsa": ("sinkfree.bench.vsa", "vsa_main", "video sparse attention and a DiT training step vs dense cuDNN"),
 }
 
 

@@ -1,0 +1,127 @@
+"""`sinkfree bench vsa`: video sparse attention vs dense cuDNN SDPA on one GPU, side by side in one process.
+
+Attention rows (B, H, grid, D): dense cuDNN fwd+bwd; full VSA (coarse + selection + fine + combine) fwd+bwd;
+its fine stage alone (block-sparse kernel on the same tile lists) fwd+bwd; coarse + selection alone (fwd).
+Model rows (`--model dit-video-b`): one training step (fwd + bwd) of the DiT with dense cuDNN attention and
+with VSA at the same sparsity, bf16 autocast. Times are medians of triton.testing.do_bench, in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sinkfree bench vsa", description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=1, help="batch size B")
+    p.add_argument("--heads", type=int, default=24, help="attention heads H (attention rows)")
+    p.add_argument("--grid", default="32,32,32", help="token grid T,H,W (32,32,32 = 32768 tokens)")
+    p.add_argument("--head-dim", type=int, default=128, help="head dim D (64 or 128)")
+    p.add_argument("--sparsity", type=float, default=0.875, help="fraction of key tiles skipped")
+    p.add_argument("--tile", default="4,4,4", help="VSA tile t,h,w")
+    p.add_argument("--model", default=None, help="also time a training step of this DiT preset, e.g. dit-video-b")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up in ms")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    return p
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in text.split(","))
+
+
+def bench_attention(args, run) -> list[dict]:
+    from torch.nn.attention import SDPBackend
+
+    from sinkfree.attention.block_sparse import block_sparse_attend
+    from sinkfree.attention.spec import AttentionSpec
+    from sinkfree.attention.vsa import pad_tiles, vsa_attention, vsa_coarse, vsa_select, vsa_tiling, vsa_topk
+    from sinkfree.bench.attention import _sdpa
+
+    grid, b, h, d = _ints(args.grid), args.batch, args.heads, args.head_dim
+    s = math.prod(grid)
+    tl = vsa_tiling(grid, _ints(args.tile), "cuda")
+    topk = vsa_topk(tl.n_tiles, args.sparsity)
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    gate = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    scale = 1 / math.sqrt(d)
+    with torch.no_grad():
+        qp, kp, vp = pad_tiles(q, tl), pad_tiles(k, tl), pad_tiles(v, tl)
+        idx, cnt = vsa_select(vsa_coarse(qp, kp, vp, tl, scale)[0], topk)
+    spec = AttentionSpec("block_sparse", causal=False, scale=scale, tile_size=tl.volume)
+    grads = [q, k, v, gate]
+    dense = _sdpa(SDPBackend.CUDNN_ATTENTION)(q, k, v, False)
+    cands = {
+        "dense cuDNN": (dense, "fwd+bwd", 1.0),
+        "VSA full": (lambda: vsa_attention(q, k, v, tl, topk, gate), "fwd+bwd", topk / tl.n_tiles),
+        "VSA fine only": (lambda: block_sparse_attend(q, k, v, idx, cnt, spec, None, tl.tile_len), "fwd+bwd",
+                          topk / tl.n_tiles),
+        "VSA coarse+select (fwd)": (lambda: vsa_select(vsa_coarse(pad_tiles(q, tl), pad_tiles(k, tl),
+                                                                  pad_tiles(v, tl), tl, scale)[0], topk)[0],
+                                    "fwd", None),
+    }
+    rows = []
+    for name, (fn, mode, kept) in cands.items():
+        ms = run(fn, mode, grads)
+        tflops = None if kept is None else 4.0 * b * h * s * s * d * kept * 3.5 / ms / 1e9
+        rows.append(dict(section="attention", name=name, mode=mode, ms=ms, eff_tflops=tflops, B=b, H=h, S=s, D=d,
+                         grid=list(grid), kept_tiles=topk, n_tiles=tl.n_tiles))
+    return rows
+
+
+def bench_model(args, run) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from sinkfree.models.dit import DiT, DiTConfig
+
+    grid = _ints(args.grid)
+    rows = []
+    for backend in ("sdpa", "vsa"):
+        cfg = DiTConfig.from_name(args.model, attn_backend=backend, vsa_sparsity=args.sparsity,
+                                  vsa_tile=_ints(args.tile))
+        model = DiT(cfg).cuda()
+        pt, ph, pw = cfg.patch_size
+        x = torch.randn(args.batch, cfg.in_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw, device="cuda")
+        t = torch.rand(args.batch, device="cuda")
+
+        def step(model=model):
+            with torch.autocast("cuda", torch.bfloat16), sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                return model(x, t).float().square().mean()
+
+        ms = run(step, "fwd+bwd", list(model.parameters()))
+        rows.append(dict(section="model", name=f"{args.model} {backend}", mode="train step", ms=ms,
+                         S=math.prod(grid), params=model.num_params()))
+        model = step = None
+        torch.cuda.empty_cache()
+    return rows
+
+
+def vsa_main(argv: list[str]) -> int:
+    """Entry point of `sinkfree bench vsa`."""
+    args = build_parser().parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sinkfree bench vsa: error: needs a CUDA GPU (benchmarks are measured on H100/H200)", file=sys.stderr)
+        return 2
+    from sinkfree.bench.attention import _timer
+
+    run = _timer(args.warmup, args.rep)
+    rows = bench_attention(args, run)
+    if args.model:
+        rows += bench_model(args, run)
+    base = {r["section"]: r["ms"] for r in rows if r["name"] in ("dense cuDNN",) or r["name"].endswith(" sdpa")}
+    fine = next(r["ms"] for r in rows if r["name"] == "VSA fine only")
+    print(f"card: {torch.cuda.get_device_name()}")
+    for r in rows:
+        ratio = base.get(r["section"], float("nan")) / r["ms"]
+        extra = f"  coarse+select / fine = {r['ms'] / fine:.1%}" if r["name"].startswith("VSA coarse") else ""
+        tf = f"{r['eff_tflops']:7.1f} eff TFLOP/s" if r.get("eff_tflops") else " " * 21
+        print(f"{r['section']:9s} {r['name']:28s} {r['mode']:10s} {r['ms']:9.3f} ms {tf}  x dense {ratio:5.2f}{extra}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(card=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+    return 0
