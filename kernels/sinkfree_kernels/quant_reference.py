@@ -3,7 +3,7 @@
 `sage8` (trainable) and `sage8-infer` share one forward:
 - S = Q K^T in INT8: Q per token (absmax/127 over D), K smoothed (K' = K - mean_tokens(K), per (b, kv head))
   then per token. The scales vary along the output rows/columns only, never along the contraction (D).
-- P V in FP8 e4m3: P in [0, 1] (exp2 of the score minus the *running* max of the online softmax) times 448,
+- P V in FP8 e4m3 (`v_split`: V as two FP8 terms, hi + lo/16, one more FP8 product): P in [0, 1] (exp2 of the score minus the *running* max of the online softmax) times 448,
   V per channel (448 / absmax over tokens), fp32 accumulation of each key block's product (two-level). The
   row sum l is taken on the unquantized fp32 P.
 - The forward is emulated key block by key block (`block_n`, the kernel's BLOCK_N) because the FP8 rounding
@@ -77,20 +77,23 @@ def quant_int8_blocks(a, block, dim):
     return (a8 * sc[..., None]).flatten(-2)[..., :n]
 
 
-def quantize_qkv(q, k, v, scale, smooth_k=True):
+def quantize_qkv(q, k, v, scale, smooth_k=True, v_split=False):
     """The forward's quantization of q (B, Hq, Sq, D), k, v (B, Hkv, Sk, D): dict of q8, qs, k8, ks, kmean,
     corr (B, Hq, Sq) = scale * q . kmean (zeros without smoothing), v8 (fp8 values), vfac (B, Hkv, D) with
-    V = v8 * vfac * 448 (so P~ V~ * vfac = P V once P~ = 448 P)."""
+    V = v8 * vfac * 448 (so P~ V~ * vfac = P V once P~ = 448 P); v_split: V = (v8 + vlo / 16) * vfac * 448
+    with vlo = e4m3(16 * residual), the two-term V."""
     hq, hkv = q.shape[1], k.shape[1]
     qf, kf, vf = q.float(), k.float(), v.float()
     km = kf.mean(2, keepdim=True) if smooth_k else torch.zeros_like(kf[:, :, :1])
     q8, qs = quant_int8_rows(qf)
     k8, ks = quant_int8_rows(kf - km)
     vamax = vf.abs().amax(2)  # (B, Hkv, D)
-    v8 = to_e4m3(vf * _rdiv(FP8_MAX, vamax.clamp_min(TINY))[:, :, None, :])
+    y = vf * _rdiv(FP8_MAX, vamax.clamp_min(TINY))[:, :, None, :]
+    v8 = to_e4m3(y)
+    vlo = to_e4m3((y - v8) * 16.0) if v_split else None
     kmq = km.repeat_interleave(hq // hkv, dim=1)  # (B, Hq, 1, D)
     corr = (qf * kmq).sum(-1) * scale
-    return dict(q8=q8, qs=qs, k8=k8, ks=ks, kmean=km[:, :, 0], corr=corr, v8=v8,
+    return dict(q8=q8, qs=qs, k8=k8, ks=ks, kmean=km[:, :, 0], corr=corr, v8=v8, vlo=vlo,
                 vfac=vamax / (FP8_MAX * FP8_MAX))
 
 
@@ -116,14 +119,15 @@ def _scores2(qz, kz, scale, keep):
 
 def _group_view(qz, group):
     return {"k8": _expand(qz["k8"], group), "ks": _expand(qz["ks"], group), "v8": _expand(qz["v8"], group),
-            "vfac": _expand(qz["vfac"], group), "kmean": _expand(qz["kmean"], group)}
+            "vfac": _expand(qz["vfac"], group), "kmean": _expand(qz["kmean"], group),
+            "vlo": _expand(qz["vlo"], group) if qz["vlo"] is not None else None}
 
 
-def sage8_forward_emulated(q, k, v, keep, sink, scale, smooth_k=True, block_n=64):
+def sage8_forward_emulated(q, k, v, keep, sink, scale, smooth_k=True, block_n=64, v_split=False):
     """The sage8 forward as the kernel runs it (online softmax over key blocks of block_n): (out fp32, lse)."""
     b, hq, sq, d = q.shape
     group = hq // k.shape[1]
-    qz = quantize_qkv(q, k, v, scale, smooth_k)
+    qz = quantize_qkv(q, k, v, scale, smooth_k, v_split)
     kz = _group_view(qz, group)
     z = _scores2(qz, kz, scale, keep)
     corr = qz["corr"]
@@ -141,7 +145,10 @@ def sage8_forward_emulated(q, k, v, keep, sink, scale, smooth_k=True, block_n=64
         p = torch.exp2(zb - m_new[..., None])
         alpha = torch.exp2(m - m_new)
         l_i = l_i * alpha + p.sum(-1)
-        pv = torch.einsum("bhij,bhjd->bhid", to_e4m3(p * FP8_MAX), kz["v8"][:, :, j0:j0 + block_n])
+        p8 = to_e4m3(p * FP8_MAX)
+        pv = torch.einsum("bhij,bhjd->bhid", p8, kz["v8"][:, :, j0:j0 + block_n])
+        if v_split:
+            pv = pv + torch.einsum("bhij,bhjd->bhid", p8, kz["vlo"][:, :, j0:j0 + block_n]) * 0.0625
         acc = acc * alpha[..., None] + pv
         m = m_new
     empty = l_i == 0
@@ -197,8 +204,8 @@ def sage8_backward_emulated(dout, dlse, q, k, v, out, lse, keep, sink, scale, sm
 
 class _Sage8Ref(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sink, keep, scale, smooth_k, block_m, block_n):
-        out, lse = sage8_forward_emulated(q, k, v, keep, sink, scale, smooth_k, block_n)
+    def forward(ctx, q, k, v, sink, keep, scale, smooth_k, block_m, block_n, v_split):
+        out, lse = sage8_forward_emulated(q, k, v, keep, sink, scale, smooth_k, block_n, v_split)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, sink, keep, out, lse)
         ctx.args = (scale, smooth_k, block_m, block_n)
@@ -211,30 +218,31 @@ class _Sage8Ref(torch.autograd.Function):
         dq, dk, dv, dsink = sage8_backward_emulated(dout, dlse, q, k, v, out, lse, keep, sink, scale, smooth_k,
                                                     block_m, block_n)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsink if sink is not None else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def sage8_masked_reference(q, k, v, mask=None, sink=None, scale=None, causal=False, smooth_k=True, block_m=64,
-                           block_n=64):
+                           block_n=64, v_split=False):
     """Fake-quant sage8 attention for a bool mask (B|1, Hq|1, Sq, Sk) or None: (out in q's dtype, lse fp32),
     differentiable in q, k, v, sink through the quantized backward."""
     b, hq, sq, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     keep = _keep_mask(b, hq, sq, k.shape[2], mask, causal, q.device)
-    return _Sage8Ref.apply(q, k, v, sink, keep, scale, bool(smooth_k), block_m, block_n)
+    return _Sage8Ref.apply(q, k, v, sink, keep, scale, bool(smooth_k), block_m, block_n, bool(v_split))
 
 
 def sage8_attention_reference(q, k, v, sink=None, causal=False, scale=None, smooth_k=True, block_m=64,
-                              block_n=64):
+                              block_n=64, v_split=False):
     """Dense fake-quant sage8 attention: (out, lse)."""
-    return sage8_masked_reference(q, k, v, None, sink, scale, causal, smooth_k, block_m, block_n)
+    return sage8_masked_reference(q, k, v, None, sink, scale, causal, smooth_k, block_m, block_n, v_split)
 
 
 def sage8_block_sparse_reference(q, k, v, q2k_idx, q2k_cnt, sink=None, causal=False, scale=None, tile_q=64,
-                                 tile_k=64, kv_tile_len=None, smooth_k=True, block_m=64, block_n=64):
+                                 tile_k=64, kv_tile_len=None, smooth_k=True, block_m=64, block_n=64,
+                                 v_split=False):
     """Block-sparse fake-quant sage8 attention over key-tile lists: (out, lse)."""
     b, hq, sq, _ = q.shape
     idx = q2k_idx.expand(b, hq, *q2k_idx.shape[2:])
     cnt = q2k_cnt.expand(b, hq, *q2k_cnt.shape[2:])
     mask = token_mask(idx, cnt, sq, k.shape[2], tile_q, tile_k, kv_tile_len, causal=False)
-    return sage8_masked_reference(q, k, v, mask, sink, scale, causal, smooth_k, block_m, block_n)
+    return sage8_masked_reference(q, k, v, mask, sink, scale, causal, smooth_k, block_m, block_n, v_split)

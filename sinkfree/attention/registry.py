@@ -42,11 +42,14 @@ def register_backend(info: BackendInfo, replace: bool = False) -> BackendInfo:
 def _import_backend_module(name: str) -> None:
     # Optional backends live in sinkfree/attention/<name>.py and register themselves on import, so a
     # name from YAML works without anyone importing the module first.
-    if not name.isidentifier():
-        return
-    module = f"{__package__}.{name}"
-    if importlib.util.find_spec(module) is not None:
-        importlib.import_module(module)
+    # A variant `<module>-<suffix>` (say `sage8-infer`) is registered by `<module>.py`.
+    for mod in dict.fromkeys((name.replace("-", "_"), name.split("-")[0])):
+        if not mod.isidentifier():
+            continue
+        module = f"{__package__}.{mod}"
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+            return
 
 
 def list_backends() -> list[str]:

@@ -2,6 +2,11 @@
 FlexAttention (dense, BlockMask from the same tile lists, and compiled flex + sink the way users train sinks
 today) and the `vsa` package's Triton kernel when installed, side by side in one process on one GPU.
 
+8-bit rows (issue 7): `sage8` (trainable, fwd and fwd+bwd) and `sage8-infer` (fwd) time the whole op, the
+quantization of Q, K, V (and in the backward of Q, K, dO) included; `... kernel-only` rows time the attention
+kernel on inputs quantized beforehand, and `sage8 quant-only` / `sage8 bwd-quant-only` the quantization alone
+(subtract it from the fwd+bwd row for the backward kernels' own time).
+
 FLOPs (DESIGN.md): fwd = 4*B*H*Sq*Sk*D (x0.5 causal), fwd+bwd = 3.5 x fwd, sparse = dense x kept fraction.
 Times are medians of triton.testing.do_bench; "x cuDNN" is cuDNN's time over the row's time.
 """
@@ -154,6 +159,7 @@ def bench_dense(args, run, rows, providers):
             "flash+sink": lambda: flash_attention(q, k, v, sink, causal)[0],
             "flash+sink atomic-dq": lambda: flash_attention(q, k, v, sink, causal, deterministic=False)[0],
         }
+        cands.update(_sage8_cands(q, k, v, sink, causal))
         grads = [q, k, v, sink]
         _run_all(cands, providers, "dense", text, args.modes, run, grads, rows,
                  lambda mode: _flops(b, h, s, s, d, causal, mode))
@@ -201,6 +207,7 @@ def bench_sparse(args, run, rows, providers):
             f"block_sparse{tile} atomic-dq": lambda: block_sparse_attention(
                 q, k, v, idx, cnt, None, False, tile_q=tile, tile_k=tile, deterministic=False)[0],
         }
+        cands.update(_sage8_cands(q, k, v, sink, False, idx, cnt, tile))
         try:
             bm = _flex_block_mask(idx, cnt, nk, tile, s)
             cands[f"flex_blockmask{tile}"] = lambda: flex(q, k, v, block_mask=bm)
@@ -213,6 +220,42 @@ def bench_sparse(args, run, rows, providers):
             cands["vsa_triton64"] = lambda: vsa(q, k, v, tile_map, vbs)[0]
         _run_all(cands, providers, "sparse", f"{args.sparse_shape} keep={kept:.3f} tile={tile}", args.modes,
                  run, grads, rows, lambda mode: _flops(b, h, s, s, d, False, mode, kept), cudnn_ms)
+
+
+# providers timed in the fwd mode only (forward-only ops, or quantization alone)
+FWD_ONLY = ("sage8-infer", "kernel-only", "quant-only")
+
+
+def _sage8_cands(q, k, v, sink, causal, idx=None, cnt=None, tile=64):
+    """sage8 / sage8-infer rows (whole op, kernel only, quantization only); dense when idx is None."""
+    from sinkfree_kernels.sage8_ops import (sage8_attention, sage8_attention_quantized, sage8_backward_quantize,
+                                            sage8_block_sparse_attention, sage8_quantize)
+
+    sfx = "" if idx is None else f"_block_sparse{tile}"
+    state = {}
+
+    def op(s, infer, v_split=False):
+        if idx is None:
+            return sage8_attention(q, k, v, s, causal, infer=infer, v_split=v_split)[0]
+        return sage8_block_sparse_attention(q, k, v, idx, cnt, s, causal, tile_q=tile, tile_k=tile,
+                                            infer=infer, v_split=v_split)[0]
+
+    def kernel_only():
+        if "qz" not in state:  # quantized once, outside the timed region
+            with torch.no_grad():
+                state["qz"] = sage8_quantize(q, k, v)
+        return sage8_attention_quantized(state["qz"], sink, causal, idx, cnt, tile, tile)[0]
+
+    dout = torch.randn_like(q)
+    return {
+        f"sage8{sfx}": lambda: op(None, False),
+        f"sage8{sfx}+sink": lambda: op(sink, False),
+        f"sage8{sfx}+sink v_split": lambda: op(sink, False, True),
+        f"sage8-infer{sfx}+sink": lambda: op(sink, True),
+        f"sage8-infer{sfx}+sink kernel-only": kernel_only,
+        f"sage8{sfx} quant-only": lambda: sage8_quantize(q, k, v),
+        f"sage8{sfx} bwd-quant-only": lambda: sage8_backward_quantize(q, k, dout),
+    }
 
 
 def _load_vsa():
@@ -228,6 +271,8 @@ def _run_all(cands, providers, section, shape, modes, run, grads, rows, flops_of
         base = (cudnn_ms or {}).get(mode)
         for name, fn in cands.items():
             if providers is not None and name not in providers and name != "cudnn":
+                continue
+            if mode != "fwd" and any(tag in name for tag in FWD_ONLY):
                 continue
             try:
                 ms = run(fn, mode, grads)
@@ -271,7 +316,12 @@ def summary(rows):
     t = {(r.shape, r.mode, r.provider): r.ms for r in rows if r.ms is not None}
     out = []
     for (shape, mode, prov), ms in t.items():
-        pairs = {"flash+sink": ["flex+sink", "cudnn"], "flash+sink atomic-dq": ["flex+sink", "cudnn"],
+        pairs = {"flash+sink": ["flex+sink", "cudnn"], "sage8+sink": ["cudnn", "flash+sink"],
+                 "sage8-infer+sink": ["cudnn", "flash+sink"], "sage8-infer+sink kernel-only": ["cudnn"],
+                 "sage8_block_sparse64+sink": ["block_sparse64+sink"],
+                 "sage8_block_sparse128+sink": ["block_sparse128+sink"],
+                 "sage8-infer_block_sparse64+sink": ["block_sparse64+sink"],
+                 "sage8-infer_block_sparse128+sink": ["block_sparse128+sink"], "flash+sink atomic-dq": ["flex+sink", "cudnn"],
                  "block_sparse64": ["vsa_triton64"], "block_sparse64 atomic-dq": ["vsa_triton64"],
                  "block_sparse128": ["flex_blockmask128"], "block_sparse128 atomic-dq": ["flex_blockmask128"]}
         for other in pairs.get(prov, []):

@@ -86,7 +86,12 @@ class LLMConfig:
     attn_logit_clip: float | None = None
     """Clamp attention logits to (-c, c) before the softmax (eager backend only)."""
     attn_backend: str = "sdpa"
-    """Attention backend from the registry: sdpa (default), eager, flash, block_sparse, topk, ..."""
+    """Attention backend from the registry: sdpa (default), eager, flash, block_sparse, topk, sage8, ..."""
+    attn_fallback_layers: list[int] | None = None
+    """Layers (negative = from the end) that use attn_fallback_backend instead, e.g. [0, -1] keeps the first
+    and last layers of an 8-bit (sage8) model in bf16."""
+    attn_fallback_backend: str = "flash"
+    """Backend of the attn_fallback_layers (bf16 flash attention by default)."""
     init_std: float = 0.02
     """Std of the normal init of linear and embedding weights."""
 
@@ -136,6 +141,14 @@ class LLMConfig:
         except ValueError as err:
             raise ValueError(f"rope_scaling: {err}") from None
         check_spec(self.attention_spec, has_sink=self.attn_sink != "none")
+        if self.attn_fallback_layers is not None:
+            bad = [i for i in self.attn_fallback_layers
+                   if not isinstance(i, int) or isinstance(i, bool) or not -self.n_layer <= i < self.n_layer]
+            if bad:
+                raise ValueError(f"attn_fallback_layers={self.attn_fallback_layers!r}: {bad} are not layer "
+                                 f"indices in [-{self.n_layer}, {self.n_layer})")
+            check_spec(dataclasses.replace(self.attention_spec, backend=self.attn_fallback_backend),
+                       has_sink=self.attn_sink != "none")
 
     # Derived sizes (the fields stay None so `dataclasses.replace` and YAML round-trips keep defaults).
     @property
@@ -160,6 +173,14 @@ class LLMConfig:
         """The causal AttentionSpec every layer uses."""
         return AttentionSpec(backend=self.attn_backend, causal=True, softmax=self.attn_softmax,
                              logit_clip=self.attn_logit_clip)
+
+    def layer_attention_spec(self, layer: int) -> AttentionSpec:
+        """The AttentionSpec of one layer: attn_fallback_backend for the attn_fallback_layers."""
+        spec = self.attention_spec
+        fallback = {i % self.n_layer for i in self.attn_fallback_layers or ()}
+        if layer % self.n_layer in fallback:
+            spec = dataclasses.replace(spec, backend=self.attn_fallback_backend)
+        return spec
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> LLMConfig:
@@ -188,7 +209,7 @@ PRESETS: dict[str, dict] = {
 class Block(nn.Module):
     """Pre-norm block: h = x + clip(attn(attn_norm(x))); out = h + clip(mlp(mlp_norm(h)))."""
 
-    def __init__(self, config: LLMConfig):
+    def __init__(self, config: LLMConfig, layer: int | None = None):
         super().__init__()
         c = config
         norm_args = (c.norm, c.residual_sink, c.n_embd, c.rms_norm_eps, c.gatednorm_rank,
@@ -196,7 +217,8 @@ class Block(nn.Module):
         self.attn_norm = build_norm(*norm_args)
         self.attn = Attention(c.n_embd, c.n_head, c.num_kv_heads, c.head_size, bias=c.attn_bias,
                               qk_norm=c.qk_norm, norm_eps=c.rms_norm_eps, gate=c.attn_gate, sink=c.attn_sink,
-                              sink_init=c.sink_init, spec=c.attention_spec,
+                              sink_init=c.sink_init,
+                              spec=c.attention_spec if layer is None else c.layer_attention_spec(layer),
                               gate_identity_init=c.attn_gate_identity_init)
         self.mlp_norm = build_norm(*norm_args)
         self.mlp = MLP(c.n_embd, c.mlp_hidden)
@@ -215,7 +237,7 @@ class LLM(nn.Module):
         super().__init__()
         c = self.config = config
         self.embed = nn.Embedding(c.vocab_size, c.n_embd)
-        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
         self.norm = build_norm(c.norm, c.residual_sink, c.n_embd, c.rms_norm_eps, c.gatednorm_rank,
                                c.gatednorm_identity_init)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.n_embd, c.vocab_size, bias=False)

@@ -1,0 +1,107 @@
+"""Quantization kernels and in-register helpers of the 8-bit attention (sage8): per-token INT8 of Q and of
+mean-smoothed K (with the smoothing's per-row LSE correction), per-channel FP8 e4m3 of V and dO written
+K-major (transposed, [D, S]) as FP8 wgmma wants its B operand.
+
+The same rounding is used by the fake-quant reference (`quant_reference.py`): INT8 = trunc(x*127/absmax
++- 0.5), scale absmax/127; FP8 = round-to-nearest-even e4m3, saturated at 448. On the Triton interpreter
+the fp32 -> fp8 cast is not correctly rounded (e.g. 127.9 -> 64), so there the value is rounded to an
+e4m3 number first (`EXACT_FP8`); on GPUs the hardware cvt.rn.satfinite does it.
+"""
+
+import triton
+import triton.language as tl
+
+from ._tuning import INTERPRET
+
+EXACT_FP8 = INTERPRET
+FP8_MAX = 448.0
+QUANT_BLOCK = 64
+
+
+@triton.jit
+def _round_e4m3(x):
+    """x rounded to the nearest e4m3fn value (ties to even on normals, half up on subnormals), saturated."""
+    a = tl.minimum(tl.abs(x), 448.0)
+    bits = a.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # keep 3 mantissa bits
+    normal = bits.to(tl.float32, bitcast=True)
+    sub = tl.floor(a * 512.0 + 0.5) * 0.001953125  # below 2^-6 the step is 2^-9
+    r = tl.where(a < 0.015625, sub, normal)
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def to_fp8(x, EXACT: tl.constexpr):
+    """fp32 -> float8e4nv (e4m3fn)."""
+    if EXACT:
+        x = _round_e4m3(x)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def quant_rows_int8(a):
+    """(R, C) fp32 -> (int8 values, fp32 scale per row = absmax/127), rounding half away from zero."""
+    amax = tl.max(tl.abs(a), 1)
+    inv = 127.0 / tl.maximum(amax, 1e-30)
+    x = a * inv[:, None]
+    return tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8), amax / 127.0
+
+
+@triton.jit
+def _quant_tokens_int8(
+    X, Mean, X8, X8T, Scale, Corr, KMean,
+    sxb, sxh, sxs, s8b, s8h, s8s, stb, sth, std,
+    H, HKV, GROUP, S, corr_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SUB_MEAN: tl.constexpr, HAS_T: tl.constexpr,
+    HAS_CORR: tl.constexpr,
+):
+    """Per-token INT8 of x (B, H, S, D) (minus Mean (B, H, D) when SUB_MEAN): x8 row-major, optionally a
+    transposed copy, scale (B, H, S); HAS_CORR also writes corr (B, H, S) = corr_scale * x . KMean[kv head]."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, HEAD_DIM)
+    inb = rows < S
+    x = tl.load(X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + rows[:, None] * sxs + d[None, :],
+                mask=inb[:, None], other=0.0).to(tl.float32)
+    if SUB_MEAN:
+        x = x - tl.load(Mean + bh * HEAD_DIM + d)[None, :]
+    if HAS_CORR:
+        km = tl.load(KMean + (b * HKV + h // GROUP) * HEAD_DIM + d)
+        c = tl.sum(x * km[None, :], 1) * corr_scale
+        tl.store(Corr + bh.to(tl.int64) * S + rows, c, mask=inb)
+    x8, sc = quant_rows_int8(x)
+    tl.store(Scale + bh.to(tl.int64) * S + rows, sc, mask=inb)
+    tl.store(X8 + b.to(tl.int64) * s8b + h.to(tl.int64) * s8h + rows[:, None] * s8s + d[None, :], x8,
+             mask=inb[:, None])
+    if HAS_T:
+        tl.store(X8T + b.to(tl.int64) * stb + h.to(tl.int64) * sth + rows[:, None] + d[None, :] * std, x8,
+                 mask=inb[:, None])
+
+
+@triton.jit
+def _quant_channels_fp8(
+    X, Amax, X8, XLo, sxb, sxh, sxs, s8b, s8h, s8s, s8d, H, S,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, EXACT: tl.constexpr, HAS_LO: tl.constexpr,
+):
+    """Per-channel FP8 of x (B, H, S, D): x8 = e4m3(y), y = x * 448 / Amax[b, h, d], stored through strides
+    (the launcher passes a [D, S] K-major buffer); HAS_LO also stores the residual e4m3(16 (y - x8)) in XLo
+    (same strides): y ~ x8 + lo / 16 to ~2^-8 relative (the `v_split` two-term V)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, HEAD_DIM)
+    inb = rows < S
+    x = tl.load(X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + rows[:, None] * sxs + d[None, :],
+                mask=inb[:, None], other=0.0).to(tl.float32)
+    inv = 448.0 / tl.maximum(tl.load(Amax + bh * HEAD_DIM + d), 1e-30)
+    y = x * inv[None, :]
+    x8 = to_fp8(y, EXACT)
+    offs = b.to(tl.int64) * s8b + h.to(tl.int64) * s8h + rows[:, None] * s8s + d[None, :] * s8d
+    tl.store(X8 + offs, x8, mask=inb[:, None])
+    if HAS_LO:
+        tl.store(XLo + offs, to_fp8((y - x8.to(tl.float32)) * 16.0, EXACT), mask=inb[:, None])

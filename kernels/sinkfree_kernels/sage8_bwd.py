@@ -1,0 +1,283 @@
+"""8-bit flash-attention backward (sage8), deterministic, the structure of `attention_bwd` (delta from its
+`_bwd_preprocess`, key-major dK/dV over the query blocks of every head of the GQA group, query-major dQ):
+
+- S recomputed in INT8 from the forward's quantization (re-run on Q and K: cheap, and nothing 8-bit is kept
+  alive between forward and backward); P = exp2(S2 - (LSE - c) log2e) with the smoothing correction c;
+- dV += e4m3(448 P)^T e4m3(dO) (dO per channel, K-major [D, Sq]), each block a fresh FP8 dot added in fp32;
+- dP = dO V^T in the input dtype (bf16/fp16), fp32 accumulation; dS = P o (dP - delta);
+- dK += int8(dS^T * q_scale) q8, one scale per key row of the block (the per-token Q scale lies along
+  this product's contraction, so it is folded into dS first); Q8 read from a K-major copy;
+- dQ += int8(dS * k_scale) k8, one scale per query row of the block; K8 from a K-major copy; at the end
+  dQ += r k_mean (r = rowsum dS, exact from delta, p_sink and dLSE), then everything times sm_scale.
+"""
+
+import triton
+import triton.language as tl
+
+from ._tuning import EVEN_HEURISTICS, make_configs, make_pruner
+from .quant import quant_rows_int8, to_fp8
+
+SAGE8_DKDV_CONFIGS = make_configs([(64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 2), (32, 128, 4, 3),
+                                   (64, 64, 4, 3)])
+SAGE8_DQ_CONFIGS = make_configs([(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)])
+
+_KEY = ["SEQ_KEY", "HEAD_DIM", "CAUSAL", "SPARSE", "TILE_M", "TILE_N", "HAS_KLEN"]
+
+
+@triton.jit
+def _s8_dkdv_block(dk, dv, k8, ks, v, q8_base, q8t_base, qs_base, do_base, do8_base, lse_base, delta_base,
+                   corr_base, dofac, start_m, offs_m, offs_n, offs_d, Sq, kend, off, qk_scale,
+                   sqm, stm, std, sdom, s8m, s8d,
+                   MASK: tl.constexpr, CAUSAL: tl.constexpr, LOAD_M: tl.constexpr, PREC: tl.constexpr,
+                   EXACT: tl.constexpr, HAS_CORR: tl.constexpr):
+    """One BLOCK_M slice of queries into this key block's dK, dV (transposed scores)."""
+    rows = start_m + offs_m
+    q_ptrs = q8_base + rows[:, None] * sqm + offs_d[None, :]
+    qt_ptrs = q8t_base + rows[:, None] * stm + offs_d[None, :] * std
+    do_ptrs = do_base + rows[:, None] * sdom + offs_d[None, :]
+    do8_ptrs = do8_base + rows[:, None] * s8m + offs_d[None, :] * s8d
+    if LOAD_M:
+        inb = rows < Sq
+        q8 = tl.load(q_ptrs, mask=inb[:, None], other=0)
+        q8t = tl.load(qt_ptrs, mask=inb[:, None], other=0)
+        qs = tl.load(qs_base + rows, mask=inb, other=0.0)
+        do = tl.load(do_ptrs, mask=inb[:, None], other=0.0)
+        do8 = tl.load(do8_ptrs, mask=inb[:, None], other=0.0)
+        lse = tl.load(lse_base + rows, mask=inb, other=float("inf"))
+        delta = tl.load(delta_base + rows, mask=inb, other=0.0)
+        if HAS_CORR:
+            corr = tl.load(corr_base + rows, mask=inb, other=0.0)
+    else:
+        q8 = tl.load(q_ptrs)
+        q8t = tl.load(qt_ptrs)
+        qs = tl.load(qs_base + rows)
+        do = tl.load(do_ptrs)
+        do8 = tl.load(do8_ptrs)
+        lse = tl.load(lse_base + rows)
+        delta = tl.load(delta_base + rows)
+        if HAS_CORR:
+            corr = tl.load(corr_base + rows)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that saw nothing: P = 0
+    if HAS_CORR:
+        lse = lse - corr
+    lse2 = lse * 1.4426950408889634
+    kqT = tl.dot(k8, tl.trans(q8)).to(tl.float32) * (qs * qk_scale)[None, :] * ks[:, None]  # (BLOCK_N, BLOCK_M)
+    pT = tl.math.exp2(kqT - lse2[None, :])
+    if MASK:
+        keep = offs_n[:, None] < kend
+        if CAUSAL:
+            keep = keep & (offs_n[:, None] <= rows[None, :] + off)
+        pT = tl.where(keep, pT, 0.0)
+    dv += tl.dot(to_fp8(pT * 448.0, EXACT), do8) * dofac[None, :]
+    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dsT = pT * (dpT - delta[None, :])
+    a8, sc = quant_rows_int8(dsT * qs[None, :])
+    dk += tl.dot(a8, q8t).to(tl.float32) * sc[:, None]
+    return dk, dv
+
+
+@triton.autotune(configs=SAGE8_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": make_pruner("dkdv")})
+@triton.heuristics(EVEN_HEURISTICS)
+@triton.jit
+def _sage8_bwd_dkdv(
+    Q8, Q8T, QS, K8, KS, V, DO, DO8, DOFac, Lse, Delta, Corr, DK, DV, KIdx, KCnt, KLen,
+    sqb, sqh, sqm, stb, sth, stm, std, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+    s8b, s8h, s8m, s8d, sgb, sgh, sgn,
+    sib, sih, siq, scb, sch,
+    H, HKV, GROUP, Sq, Sk, qk_scale, sm_scale, SEQ_KEY,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr, HAS_KLEN: tl.constexpr,
+    HAS_CORR: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr,
+    EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_ptrs = K8 + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :]
+    v_ptrs = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :]
+    ks_ptrs = KS + pid_bh.to(tl.int64) * Sk + offs_n
+    if EVEN_N:
+        k8 = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+        ks = tl.load(ks_ptrs)
+    else:
+        k8 = tl.load(k_ptrs, mask=offs_n[:, None] < Sk, other=0)
+        v = tl.load(v_ptrs, mask=offs_n[:, None] < Sk, other=0.0)
+        ks = tl.load(ks_ptrs, mask=offs_n < Sk, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    off = Sk - Sq
+    kt = n0 // TILE_N
+    kend = Sk
+    if HAS_KLEN:
+        kend = tl.minimum(kt * TILE_N + tl.load(KLen + kt), Sk)
+
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        q8_base = Q8 + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        q8t_base = Q8T + b.to(tl.int64) * stb + h.to(tl.int64) * sth
+        qs_base = QS + bh.to(tl.int64) * Sq
+        do_base = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
+        do8_base = DO8 + b.to(tl.int64) * s8b + h.to(tl.int64) * s8h
+        lse_base = Lse + bh.to(tl.int64) * Sq
+        delta_base = Delta + bh.to(tl.int64) * Sq
+        corr_base = Corr + bh.to(tl.int64) * Sq
+        dofac = tl.load(DOFac + bh * HEAD_DIM + offs_d)
+        if SPARSE:
+            cnt = tl.load(KCnt + b * scb + h * sch + kt)
+            idx_ptr = KIdx + b.to(tl.int64) * sib + h.to(tl.int64) * sih + kt * siq
+            for t in range(0, cnt):
+                qt = tl.load(idx_ptr + t)
+                for sub in tl.static_range(TILE_M // BLOCK_M):
+                    dk, dv = _s8_dkdv_block(
+                        dk, dv, k8, ks, v, q8_base, q8t_base, qs_base, do_base, do8_base, lse_base, delta_base,
+                        corr_base, dofac, qt * TILE_M + sub * BLOCK_M, offs_m, offs_n, offs_d, Sq, kend, off,
+                        qk_scale, sqm, stm, std, sdom, s8m, s8d, CAUSAL or HAS_KLEN, CAUSAL, not EVEN_M, PREC,
+                        EXACT, HAS_CORR)
+        else:
+            lo = 0
+            mid = 0
+            if CAUSAL:
+                lo = (tl.maximum(n0 - off, 0) // BLOCK_M) * BLOCK_M
+                mid = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M
+                for start_m in range(lo, tl.minimum(mid, Sq), BLOCK_M):
+                    dk, dv = _s8_dkdv_block(
+                        dk, dv, k8, ks, v, q8_base, q8t_base, qs_base, do_base, do8_base, lse_base, delta_base,
+                        corr_base, dofac, start_m, offs_m, offs_n, offs_d, Sq, kend, off, qk_scale, sqm, stm,
+                        std, sdom, s8m, s8d, True, True, not EVEN_M, PREC, EXACT, HAS_CORR)
+            for start_m in range(mid, Sq, BLOCK_M):
+                dk, dv = _s8_dkdv_block(
+                    dk, dv, k8, ks, v, q8_base, q8t_base, qs_base, do_base, do8_base, lse_base, delta_base,
+                    corr_base, dofac, start_m, offs_m, offs_n, offs_d, Sq, kend, off, qk_scale, sqm, stm,
+                    std, sdom, s8m, s8d, False, CAUSAL, not EVEN_M, PREC, EXACT, HAS_CORR)
+
+    dk = dk * sm_scale
+    dk_ptrs = DK + b.to(tl.int64) * sgb + hk.to(tl.int64) * sgh + offs_n[:, None] * sgn + offs_d[None, :]
+    dv_ptrs = DV + b.to(tl.int64) * sgb + hk.to(tl.int64) * sgh + offs_n[:, None] * sgn + offs_d[None, :]
+    if EVEN_N:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty))
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty))
+    else:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=offs_n[:, None] < Sk)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < Sk)
+
+
+@triton.jit
+def _s8_dq_block(dq, q8, row_s, do, lse2, delta, k_ptrs, kt_ptrs, ks_ptrs, v_ptrs, start_n, offs_m, offs_n, Sk,
+                 kend, off, skn, stn, svn, MASK: tl.constexpr, CAUSAL: tl.constexpr, LOAD_N: tl.constexpr,
+                 PREC: tl.constexpr):
+    """One BLOCK_N slice of keys into this query block's dQ."""
+    cols = start_n + offs_n
+    if LOAD_N:
+        k8T = tl.load(k_ptrs + start_n * skn, mask=cols[None, :] < Sk, other=0)
+        k8 = tl.load(kt_ptrs + start_n * stn, mask=cols[:, None] < Sk, other=0)
+        ks = tl.load(ks_ptrs + start_n, mask=cols < Sk, other=0.0)
+        vT = tl.load(v_ptrs + start_n * svn, mask=cols[None, :] < Sk, other=0.0)
+    else:
+        k8T = tl.load(k_ptrs + start_n * skn)
+        k8 = tl.load(kt_ptrs + start_n * stn)
+        ks = tl.load(ks_ptrs + start_n)
+        vT = tl.load(v_ptrs + start_n * svn)
+    qk = tl.dot(q8, k8T).to(tl.float32) * row_s[:, None] * ks[None, :]
+    p = tl.math.exp2(qk - lse2[:, None])
+    if MASK:
+        keep = cols[None, :] < kend
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + off)
+        p = tl.where(keep, p, 0.0)
+    dp = tl.dot(do, vT, input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    a8, sc = quant_rows_int8(ds * ks[None, :])  # keys past Sk have k_scale 0: nothing added
+    dq += tl.dot(a8, k8).to(tl.float32) * sc[:, None]
+    return dq
+
+
+@triton.autotune(configs=SAGE8_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": make_pruner("dq")})
+@triton.heuristics(EVEN_HEURISTICS)
+@triton.jit
+def _sage8_bwd_dq(
+    Q8, QS, K8, K8T, KS, V, DO, Lse, Delta, Corr, R, KMean, DQ, QIdx, QCnt, KLen,
+    sqb, sqh, sqm, skb, skh, skn, stb, sth, stn, std, svb, svh, svn, sdob, sdoh, sdom, sgb, sgh, sgm,
+    sib, sih, siq, scb, sch,
+    H, GROUP, Sq, Sk, qk_scale, sm_scale, SEQ_KEY,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr, HAS_KLEN: tl.constexpr,
+    HAS_CORR: tl.constexpr, HAS_R: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    bhk = b * (H // GROUP) + hk
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = Q8 + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :]
+    do_ptrs = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + offs_m[:, None] * sdom + offs_d[None, :]
+    row_ptrs = pid_bh.to(tl.int64) * Sq + offs_m
+    inb = offs_m < Sq
+    if EVEN_M:
+        q8 = tl.load(q_ptrs)
+        do = tl.load(do_ptrs)
+    else:
+        q8 = tl.load(q_ptrs, mask=inb[:, None], other=0)
+        do = tl.load(do_ptrs, mask=inb[:, None], other=0.0)
+    qs = tl.load(QS + row_ptrs, mask=inb, other=0.0)
+    lse = tl.load(Lse + row_ptrs, mask=inb, other=float("inf"))
+    delta = tl.load(Delta + row_ptrs, mask=inb, other=0.0)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    if HAS_CORR:
+        lse = lse - tl.load(Corr + row_ptrs, mask=inb, other=0.0)
+    lse2 = lse * 1.4426950408889634
+    row_s = qs * qk_scale
+    k_ptrs = K8 + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[None, :] * skn + offs_d[:, None]
+    kt_ptrs = K8T + b.to(tl.int64) * stb + hk.to(tl.int64) * sth + offs_n[:, None] * stn + offs_d[None, :] * std
+    ks_ptrs = KS + bhk.to(tl.int64) * Sk + offs_n
+    v_ptrs = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[None, :] * svn + offs_d[:, None]
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    off = Sk - Sq
+
+    if SPARSE:
+        qt = m0 // TILE_M
+        cnt = tl.load(QCnt + b * scb + h * sch + qt)
+        idx_ptr = QIdx + b.to(tl.int64) * sib + h.to(tl.int64) * sih + qt * siq
+        for t in range(0, cnt):
+            kt = tl.load(idx_ptr + t)
+            kend = Sk
+            if HAS_KLEN:
+                kend = tl.minimum(kt * TILE_N + tl.load(KLen + kt), Sk)
+            for sub in tl.static_range(TILE_N // BLOCK_N):
+                dq = _s8_dq_block(dq, q8, row_s, do, lse2, delta, k_ptrs, kt_ptrs, ks_ptrs, v_ptrs,
+                                  kt * TILE_N + sub * BLOCK_N, offs_m, offs_n, Sk, kend, off, skn, stn, svn,
+                                  CAUSAL or HAS_KLEN, CAUSAL, not EVEN_N, PREC)
+    else:
+        hi = Sk
+        full_end = Sk
+        if CAUSAL:
+            full_end = tl.minimum((tl.maximum(m0 + off + 1, 0) // BLOCK_N) * BLOCK_N, Sk)
+            hi = tl.minimum(m0 + BLOCK_M + off, Sk)
+        for start_n in range(0, full_end, BLOCK_N):
+            dq = _s8_dq_block(dq, q8, row_s, do, lse2, delta, k_ptrs, kt_ptrs, ks_ptrs, v_ptrs, start_n, offs_m,
+                              offs_n, Sk, Sk, off, skn, stn, svn, False, CAUSAL, not EVEN_N, PREC)
+        for start_n in range(full_end, hi, BLOCK_N):
+            dq = _s8_dq_block(dq, q8, row_s, do, lse2, delta, k_ptrs, kt_ptrs, ks_ptrs, v_ptrs, start_n, offs_m,
+                              offs_n, Sk, Sk, off, skn, stn, svn, True, CAUSAL, not EVEN_N, PREC)
+
+    if HAS_R:
+        r = tl.load(R + row_ptrs, mask=inb, other=0.0)
+        dq = dq + r[:, None] * tl.load(KMean + bhk * HEAD_DIM + offs_d)[None, :]
+    dq = dq * sm_scale
+    dq_ptrs = DQ + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + offs_m[:, None] * sgm + offs_d[None, :]
+    if EVEN_M:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
+    else:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < Sq)

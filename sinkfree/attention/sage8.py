@@ -1,0 +1,53 @@
+"""`sage8` (trainable 8-bit attention: INT8 QK^T with K smoothing, FP8 PV, 8-bit backward with dP in the input
+dtype) and `sage8-infer` (the same forward, no backward) backends. Dense by default; block-sparse when the
+caller passes key-tile lists (`tiles=(idx, cnt[, kv_tile_len])`, as the `block_sparse` backend takes them),
+so sparse selectors and quantization compose. CUDA tensors (or the Triton interpreter) run the kernels;
+other CPU tensors run the fake-quant PyTorch reference (same quantization, differentiable).
+
+Keep the first and last layers in bf16 with `LLMConfig.attn_fallback_layers` (e.g. [0, -1]).
+"""
+from __future__ import annotations
+
+import torch
+
+from sinkfree.attention.flash import use_triton
+from sinkfree.attention.registry import BackendInfo, register_backend
+from sinkfree.attention.spec import AttentionSpec
+
+
+def sage8_attend(q, k, v, spec: AttentionSpec, sink=None, tiles=None, infer: bool = False,
+                 smooth_k: bool = True) -> torch.Tensor:
+    """8-bit attention (B, Hq, Sq, D); tiles=(idx, cnt[, kv_tile_len]) of spec.tile_size tokens for block-sparse."""
+    t = spec.tile_size
+    if use_triton(q):
+        from sinkfree_kernels.sage8_ops import sage8_attention, sage8_block_sparse_attention
+
+        if tiles is None:
+            return sage8_attention(q, k, v, sink, spec.causal, spec.scale, smooth_k, infer)[0]
+        return sage8_block_sparse_attention(q, k, v, tiles[0], tiles[1], sink, spec.causal, spec.scale, t, t,
+                                            *tiles[2:3], smooth_k=smooth_k, infer=infer)[0]
+    from sinkfree_kernels.quant_reference import sage8_attention_reference, sage8_block_sparse_reference
+
+    if infer and torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, sink)):
+        raise RuntimeError("attn_backend='sage8-infer' is forward-only (no backward): train with "
+                           "attn_backend='sage8', or run under torch.no_grad()")
+    if tiles is None:
+        return sage8_attention_reference(q, k, v, sink, spec.causal, spec.scale, smooth_k)[0]
+    return sage8_block_sparse_reference(q, k, v, tiles[0], tiles[1], sink, spec.causal, spec.scale, t, t,
+                                        *tiles[2:3], smooth_k=smooth_k)[0]
+
+
+def sage8_backend(q, k, v, spec: AttentionSpec, sink=None, tiles=None) -> torch.Tensor:
+    return sage8_attend(q, k, v, spec, sink, tiles)
+
+
+def sage8_infer_backend(q, k, v, spec: AttentionSpec, sink=None, tiles=None) -> torch.Tensor:
+    return sage8_attend(q, k, v, spec, sink, tiles, infer=True)
+
+
+SAGE8 = register_backend(BackendInfo(
+    "sage8", sage8_backend, supports_sink=True,
+    description="trainable 8-bit attention (INT8 QK^T, FP8 PV, 8-bit backward, dP in bf16); head dims 64/128"))
+SAGE8_INFER = register_backend(BackendInfo(
+    "sage8-infer", sage8_infer_backend, supports_sink=True,
+    description="8-bit attention forward only (INT8 QK^T + FP8 PV, the SageAttention2 Hopper recipe)"))

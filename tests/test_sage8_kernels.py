@@ -1,0 +1,161 @@
+"""The 8-bit attention kernels (sage8, sage8-infer) under the Triton interpreter against the fake-quant
+reference (same quantization, same key blocks: they agree up to fp32 summation order), the custom ops
+(opcheck) and the attention-registry backends. Kept tiny: the interpreter is slow."""
+import pytest
+import torch
+
+import sinkfree_kernels.sage8_ops  # noqa: F401  (registers the sinkfree::sage8_* ops)
+from kernel_checks import rel_err
+from sinkfree.attention import AttentionSpec, attend, get_backend
+from sinkfree_kernels import random_lists
+from sinkfree_kernels.quant_reference import sage8_attention_reference, sage8_block_sparse_reference
+from sinkfree_kernels.sage8_ops import (sage8_attention, sage8_attention_quantized, sage8_block_sparse_attention,
+                                        sage8_quantize)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")
+OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+TOL = 2e-3  # kernel vs fake-quant: fp32 summation order (and fp16 output rounding)
+
+
+def _inputs(b, hq, hkv, sq, sk, d, dtype, seed, sink=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, sq, d, generator=g)
+    k = torch.randn(b, hkv, sk, d, generator=g) + 2.0 * torch.randn(d, generator=g)  # a common K offset
+    v = torch.randn(b, hkv, sk, d, generator=g)
+    ins = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    s = (torch.randn(hq, generator=g) * 2).requires_grad_() if sink else None
+    return ins, s
+
+
+def _check(fn, ref_fn, ins, sink, dlse_weight=0.5):
+    out, lse = fn(*ins, sink)
+    ref_out, ref_lse = ref_fn(*ins, sink)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref_out) < TOL, rel_err(out, ref_out)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    assert (lse[fin] - ref_lse[fin]).abs().max() < 1e-3
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(out.shape, generator=g)
+    dl = torch.randn(lse.shape, generator=g) * dlse_weight
+    wrt = [*ins] + ([sink] if sink is not None else [])
+
+    def loss(o, l_):
+        return (o.float() * dout).sum() + (torch.where(fin, l_, 0.0) * dl).sum()
+
+    grads = torch.autograd.grad(loss(out, lse), wrt)
+    ref_grads = torch.autograd.grad(loss(ref_out, ref_lse), wrt)
+    for name, a, r in zip("qkvs", grads, ref_grads):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, r) < TOL, f"d{name}: {rel_err(a, r):.2e}"
+
+
+@pytest.mark.parametrize("dtype,causal,hq,hkv,sq,sk,smooth", [
+    (torch.float32, True, 2, 1, 100, 100, True),
+    (torch.float16, False, 2, 2, 70, 130, True),
+    (torch.float32, True, 2, 1, 130, 70, False),  # Sq > Sk: rows with no key; no smoothing
+])
+def test_dense_matches_fake_quant(dtype, causal, hq, hkv, sq, sk, smooth):
+    ins, sink = _inputs(1, hq, hkv, sq, sk, 64, dtype, seed=sq + sk)
+    _check(lambda q, k, v, s: sage8_attention(q, k, v, s, causal, smooth_k=smooth),
+           lambda q, k, v, s: sage8_attention_reference(q, k, v, s, causal, smooth_k=smooth), ins, sink)
+
+
+@pytest.mark.parametrize("tile,causal,v_split", [(64, True, True), (128, False, False)])
+def test_block_sparse_matches_fake_quant(tile, causal, v_split):
+    s = 150
+    ins, sink = _inputs(1, 2, 1, s, s, 64, torch.float32, seed=tile)
+    idx, cnt = random_lists(1, 2, s, s, tile, tile, 0.5, generator=torch.Generator().manual_seed(2),
+                            causal=causal)
+    klen = None if tile == 64 else torch.tensor([100, 22], dtype=torch.int32)  # padded key tiles
+    _check(lambda q, k, v, sk: sage8_block_sparse_attention(q, k, v, idx, cnt, sk, causal, tile_q=tile,
+                                                            tile_k=tile, kv_tile_len=klen, v_split=v_split),
+           lambda q, k, v, sk: sage8_block_sparse_reference(q, k, v, idx, cnt, sk, causal, tile_q=tile,
+                                                            tile_k=tile, kv_tile_len=klen, v_split=v_split),
+           ins, sink)
+
+
+def test_head_dim_128_forward():
+    ins, sink = _inputs(1, 1, 1, 64, 64, 128, torch.float16, seed=5)
+    with torch.no_grad():
+        out, lse = sage8_attention(*ins, sink, causal=True, infer=True, v_split=True)
+        ref, ref_lse = sage8_attention_reference(*ins, sink, causal=True, v_split=True)
+    assert rel_err(out, ref) < TOL and (lse - ref_lse).abs().max() < 1e-3
+
+
+def test_infer_and_kernel_only_match_trainable_forward():
+    ins, sink = _inputs(1, 2, 1, 80, 80, 64, torch.float16, seed=7)
+    idx, cnt = random_lists(1, 2, 80, 80, 64, 64, 0.5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        train = sage8_block_sparse_attention(*ins, idx, cnt, sink)
+        infer = sage8_block_sparse_attention(*ins, idx, cnt, sink, infer=True)
+        kernel_only = sage8_attention_quantized(sage8_quantize(*ins), sink, q2k_idx=idx, q2k_cnt=cnt)
+    for a in (infer, kernel_only):
+        assert torch.equal(a[0], train[0]) and torch.equal(a[1], train[1])
+    with pytest.raises(RuntimeError, match="forward-only"):
+        sage8_attention(*ins, sink, infer=True)
+
+
+def test_opcheck():
+    ins, sink = _inputs(1, 2, 1, 40, 40, 64, torch.float32, seed=3)
+    torch.library.opcheck(torch.ops.sinkfree.sage8_fwd.default,
+                          (*ins, None, None, None, sink, True, 0.125, 64, 64, True, False), test_utils=OPCHECK_TESTS)
+    idx, cnt = random_lists(1, 2, 40, 40, 64, 64, 1.0)
+    torch.library.opcheck(torch.ops.sinkfree.sage8_fwd.default,
+                          (*ins, idx, cnt, None, None, False, 0.125, 64, 64, False, True), test_utils=OPCHECK_TESTS)
+    plain = [t.detach() for t in ins]
+    torch.library.opcheck(torch.ops.sinkfree.sage8_infer_fwd.default,
+                          (*plain, None, None, None, sink.detach(), False, 0.125, 64, 64, True, False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_backends(monkeypatch):
+    ins, sink = _inputs(1, 2, 1, 64, 64, 64, torch.float32, seed=11)
+    q, k, v = (t.detach() for t in ins)
+    sink = sink.detach()
+    ref = sage8_attention_reference(q, k, v, sink, causal=True)[0]
+    assert rel_err(attend(q, k, v, AttentionSpec(backend="sage8"), sink), ref) < TOL
+    assert rel_err(attend(q, k, v, AttentionSpec(backend="sage8-infer"), sink), ref) < TOL
+    assert get_backend("sage8-infer").supports_sink
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors, no interpreter: the fake-quant reference
+    assert rel_err(attend(q, k, v, AttentionSpec(backend="sage8"), sink), ref) < 1e-6
+    spec = AttentionSpec(backend="sage8", topk_keep=0.5)
+    idx, cnt = random_lists(1, 2, 64, 64, 64, 64, 1.0)
+    out = get_backend("sage8").fn(q, k, v, spec, sink, tiles=(idx, cnt))
+    assert rel_err(out, ref) < 1e-6
+
+
+def test_bad_input():
+    q = torch.randn(1, 2, 64, 80)
+    with pytest.raises(ValueError, match="head dim 80"):
+        sage8_attention(q, q, q)
+
+
+def test_llm_per_layer_fallback(monkeypatch):
+    from sinkfree.models.llm import LLM, LLMConfig
+
+    cfg = LLMConfig.from_name("tiny", n_head=2, n_kv_head=1, attn_backend="sage8", attn_sink="learnable",
+                              qk_norm=True, attn_fallback_layers=[0, -1])
+    model = LLM(cfg)
+    assert [b.attn.spec.backend for b in model.layers] == ["flash", "sage8", "sage8", "flash"]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU: the fake-quant reference, differentiable
+    idx = torch.randint(0, cfg.vocab_size, (2, 24))
+    model(idx).float().logsumexp(-1).mean().backward()
+    assert all(torch.isfinite(b.attn.sink.grad).all() for b in model.layers)
+    with pytest.raises(ValueError, match="attn_fallback_layers"):
+        LLMConfig.from_name("tiny", attn_backend="sage8", attn_fallback_layers=[4])
+
+
+def test_bench_providers_run():
+    """The `sinkfree bench attention` sage8 rows build and run (tiny, interpreter); timing needs a GPU."""
+    from sinkfree.bench.attention import FWD_ONLY, _sage8_cands
+
+    ins, sink = _inputs(1, 1, 1, 64, 64, 64, torch.float16, seed=2)
+    idx, cnt = random_lists(1, 1, 64, 64, 64, 64, 1.0)
+    for cands in (_sage8_cands(*ins, sink, True), _sage8_cands(*ins, sink, False, idx, cnt, 64)):
+        assert len(cands) == 7
+        with torch.no_grad():
+            outs = {name: fn() for name, fn in cands.items()}
+        ref = outs[next(n for n in outs if n.endswith("+sink") and "infer" not in n)]
+        assert torch.equal(outs[next(n for n in outs if n.endswith("kernel-only"))], ref)
+        assert sum(any(t in n for t in FWD_ONLY) for n in cands) == 4
