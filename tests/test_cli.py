@@ -55,6 +55,7 @@ def test_fit_writes_run_folder_and_config_reproduces(tmp_path: Path) -> None:
     main(["fit", "--config", str(TINY), *tiny_overrides(tmp_path)])
     run = tmp_path / "runs" / "tiny" / "version_0"
     assert (run / "config.yaml").is_file()
+    assert (run / "tokenizer.json").is_file()
     assert (run / "checkpoints" / "last.ckpt").is_file()
     rows = read_metrics(run)
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]

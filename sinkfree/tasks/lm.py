@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import tempfile
 from typing import Literal, Optional
 
 import lightning as L
@@ -130,6 +132,18 @@ class CausalLM(L.LightningModule):
                 f"the tokenizer has {vocab} tokens but model.arch.vocab_size={self.arch.vocab_size}; "
                 f"set model.arch.vocab_size >= {vocab} (or data.vocab_size <= {self.arch.vocab_size})"
             )
+
+    def on_fit_start(self) -> None:
+        """Keep the tokenizer beside the run's checkpoints, so probes and exports find it later."""
+        tok = getattr(self.trainer.datamodule, "tokenizer", None)
+        log_dir = self.trainer.log_dir
+        if tok is None or log_dir is None or not self.trainer.is_global_zero:
+            return
+        os.makedirs(log_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=log_dir, suffix=".json.tmp")
+        os.close(fd)
+        tok.save(tmp)
+        os.replace(tmp, os.path.join(log_dir, "tokenizer.json"))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits (B, S, V) for token ids (B, S)."""
