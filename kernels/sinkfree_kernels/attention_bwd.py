@@ -7,6 +7,9 @@ usual flash backward is unchanged; the sink gradient is dsink_h = -sum_{b,i} exp
 import triton
 import triton.language as tl
 
+from ._common import (causal_key_range, causal_query_range, head_base, key_program, key_tile_end,
+                      load_rows_f32, query_program, row_major_ptrs, row_program, store_dkdv, store_rows, tile_list,
+                      transposed_ptrs, visible)
 from ._tuning import EVEN_HEURISTICS, make_configs, make_pruner
 
 # the first config the pruning keeps is the untuned default (SINKFREE_AUTOTUNE=0); the pruning drops configs whose
@@ -24,17 +27,9 @@ def _bwd_preprocess(Out, DO, Lse, DLse, Sink, Delta, DSinkPart,
                     sob, soh, som, sdb, sdh, sdm, H, Sq, n_blocks,
                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_SINK: tl.constexpr,
                     HAS_DLSE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    rows = pid_m * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    inb = rows < Sq
-    o = tl.load(Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None] * som + offs_d[None, :],
-                mask=inb[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + rows[:, None] * sdm + offs_d[None, :],
-                 mask=inb[:, None], other=0.0).to(tl.float32)
+    pid_m, pid_bh, b, h, rows, offs_d, inb = row_program(H, Sq, BLOCK, HEAD_DIM)
+    o = load_rows_f32(Out, b, h, sob, soh, som, rows, offs_d, inb)
+    do = load_rows_f32(DO, b, h, sdb, sdh, sdm, rows, offs_d, inb)
     delta = tl.sum(o * do, 1)
     if HAS_DLSE:
         # d lse_i / d z_ij = p_ij: an upstream LSE gradient only shifts delta
@@ -74,10 +69,7 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, st
     qkT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
     pT = tl.math.exp2(qkT - lse2[None, :])
     if MASK:
-        keep = offs_n[:, None] < kend
-        if CAUSAL:
-            keep = keep & (offs_n[:, None] <= rows[None, :] + off)
-        pT = tl.where(keep, pT, 0.0)
+        pT = tl.where(visible(offs_n[:, None], rows[None, :], kend, off, CAUSAL), pT, 0.0)
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
     dsT = pT * (dpT - delta[None, :])
@@ -102,16 +94,9 @@ def _attn_bwd_dkdv(
     TILE_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
-    n0 = pid_n * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    k_ptrs = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :]
-    v_ptrs = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :]
+    pid_bh, b, hk, n0, offs_n, offs_m, offs_d = key_program(HKV, BLOCK_M, BLOCK_N, HEAD_DIM)
+    k_ptrs = row_major_ptrs(head_base(K, b, hk, skb, skh), offs_n, skn, offs_d)
+    v_ptrs = row_major_ptrs(head_base(V, b, hk, svb, svh), offs_n, svn, offs_d)
     if EVEN_N:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
@@ -122,21 +107,18 @@ def _attn_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     off = Sk - Sq
     kt = n0 // TILE_N
-    kend = Sk
-    if HAS_KLEN:
-        kend = tl.minimum(kt * TILE_N + tl.load(KLen + kt), Sk)
+    kend = key_tile_end(KLen, kt, Sk, TILE_N, HAS_KLEN)
 
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
-        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-        do_base = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
+        q_base = head_base(Q, b, h, sqb, sqh)
+        do_base = head_base(DO, b, h, sdob, sdoh)
         lse_base = Lse + bh.to(tl.int64) * Sq
         delta_base = Delta + bh.to(tl.int64) * Sq
-        dq_base = DQAcc + b.to(tl.int64) * sqab + h.to(tl.int64) * sqah
+        dq_base = head_base(DQAcc, b, h, sqab, sqah)
         if SPARSE:
-            cnt = tl.load(KCnt + b * scb + h * sch + kt)
-            idx_ptr = KIdx + b.to(tl.int64) * sib + h.to(tl.int64) * sih + kt * siq
+            idx_ptr, cnt = tile_list(KIdx, KCnt, b, h, kt, sib, sih, siq, scb, sch)
             for t in range(0, cnt):
                 qt = tl.load(idx_ptr + t)
                 for sub in tl.static_range(TILE_M // BLOCK_M):
@@ -148,9 +130,7 @@ def _attn_bwd_dkdv(
             lo = 0
             mid = 0
             if CAUSAL:
-                # rows >= n0 - off see part of this block; rows >= n0 + BLOCK_N - 1 - off see all of it
-                lo = (tl.maximum(n0 - off, 0) // BLOCK_M) * BLOCK_M
-                mid = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M
+                lo, mid = causal_query_range(n0, off, BLOCK_M, BLOCK_N)
                 for start_m in range(lo, tl.minimum(mid, Sq), BLOCK_M):
                     dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, start_m,
                                          offs_m, offs_n, offs_d, Sq, kend, off, qk_scale, sm_scale, sqm, sdom,
@@ -160,15 +140,7 @@ def _attn_bwd_dkdv(
                                      offs_m, offs_n, offs_d, Sq, kend, off, qk_scale, sm_scale, sqm, sdom,
                                      sqam, False, CAUSAL, not EVEN_M, PREC, ATOMIC_DQ)
 
-    dk = dk * sm_scale
-    dk_ptrs = DK + b.to(tl.int64) * sgb + hk.to(tl.int64) * sgh + offs_n[:, None] * sgn + offs_d[None, :]
-    dv_ptrs = DV + b.to(tl.int64) * sgb + hk.to(tl.int64) * sgh + offs_n[:, None] * sgn + offs_d[None, :]
-    if EVEN_N:
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty))
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty))
-    else:
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=offs_n[:, None] < Sk)
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < Sk)
+    store_dkdv(DK, DV, dk * sm_scale, dv, b, hk, offs_n, offs_d, sgb, sgh, sgn, Sk, EVEN_N)
 
 
 @triton.jit
@@ -185,10 +157,7 @@ def _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, S
     qk = tl.dot(q, kT, input_precision=PREC) * qk_scale
     p = tl.math.exp2(qk - lse2[:, None])
     if MASK:
-        keep = cols[None, :] < kend
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None] + off)
-        p = tl.where(keep, p, 0.0)
+        p = tl.where(visible(cols[None, :], offs_m[:, None], kend, off, CAUSAL), p, 0.0)
     dp = tl.dot(do, vT, input_precision=PREC)
     ds = p * (dp - delta[:, None])
     dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
@@ -207,17 +176,9 @@ def _attn_bwd_dq(
     TILE_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :]
-    do_ptrs = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + offs_m[:, None] * sdom + offs_d[None, :]
+    pid_bh, b, h, hk, m0, offs_m, offs_n, offs_d = query_program(H, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM)
+    q_ptrs = row_major_ptrs(head_base(Q, b, h, sqb, sqh), offs_m, sqm, offs_d)
+    do_ptrs = row_major_ptrs(head_base(DO, b, h, sdob, sdoh), offs_m, sdom, offs_d)
     if EVEN_M:
         q = tl.load(q_ptrs)
         do = tl.load(do_ptrs)
@@ -229,20 +190,16 @@ def _attn_bwd_dq(
         lse = tl.load(Lse + pid_bh.to(tl.int64) * Sq + offs_m, mask=offs_m < Sq, other=float("inf"))
         delta = tl.load(Delta + pid_bh.to(tl.int64) * Sq + offs_m, mask=offs_m < Sq, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    k_ptrs = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[None, :] * skn + offs_d[:, None]
-    v_ptrs = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[None, :] * svn + offs_d[:, None]
+    k_ptrs = transposed_ptrs(head_base(K, b, hk, skb, skh), offs_n, skn, offs_d)
+    v_ptrs = transposed_ptrs(head_base(V, b, hk, svb, svh), offs_n, svn, offs_d)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     off = Sk - Sq
 
     if SPARSE:
-        qt = m0 // TILE_M
-        cnt = tl.load(QCnt + b * scb + h * sch + qt)
-        idx_ptr = QIdx + b.to(tl.int64) * sib + h.to(tl.int64) * sih + qt * siq
+        idx_ptr, cnt = tile_list(QIdx, QCnt, b, h, m0 // TILE_M, sib, sih, siq, scb, sch)
         for t in range(0, cnt):
             kt = tl.load(idx_ptr + t)
-            kend = Sk
-            if HAS_KLEN:
-                kend = tl.minimum(kt * TILE_N + tl.load(KLen + kt), Sk)
+            kend = key_tile_end(KLen, kt, Sk, TILE_N, HAS_KLEN)
             for sub in tl.static_range(TILE_N // BLOCK_N):
                 dq = _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, kt * TILE_N + sub * BLOCK_N, offs_m,
                                offs_n, Sk, kend, off, qk_scale, skn, svn, CAUSAL or HAS_KLEN, CAUSAL,
@@ -252,8 +209,8 @@ def _attn_bwd_dq(
         hi = Sk
         full_end = Sk
         if CAUSAL:
-            full_end = tl.minimum((tl.maximum(m0 + off + 1, 0) // BLOCK_N) * BLOCK_N, Sk)
-            hi = tl.minimum(m0 + BLOCK_M + off, Sk)
+            full_end, hi = causal_key_range(m0, off, Sk, BLOCK_M, BLOCK_N)
+            full_end = tl.minimum(full_end, Sk)
         for start_n in range(0, full_end, BLOCK_N):
             dq = _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, Sk, Sk, off,
                            qk_scale, skn, svn, False, CAUSAL, not EVEN_N, PREC)
@@ -261,9 +218,4 @@ def _attn_bwd_dq(
             dq = _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, Sk, Sk, off,
                            qk_scale, skn, svn, True, CAUSAL, not EVEN_N, PREC)
 
-    dq = dq * sm_scale
-    dq_ptrs = DQ + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + offs_m[:, None] * sgm + offs_d[None, :]
-    if EVEN_M:
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
-    else:
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < Sq)
+    store_rows(row_major_ptrs(head_base(DQ, b, h, sgb, sgh), offs_m, sgm, offs_d), dq * sm_scale, offs_m, Sq, EVEN_M)

@@ -9,6 +9,8 @@ LSE -inf.
 import triton
 import triton.language as tl
 
+from ._common import (causal_key_range, head_base, key_tile_end, query_program, row_major_ptrs, sink_start,
+                      softmax_step, store_out_lse, tile_list, transposed_ptrs, visible)
 from ._tuning import EVEN_HEURISTICS, make_configs, make_pruner
 
 LOG2E = 1.4426950408889634
@@ -29,14 +31,8 @@ def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, Sk, ke
         k = tl.load(k_ptrs + start_n * stride_kn)
     qk = tl.dot(q, k, input_precision=PREC) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
     if MASK:
-        keep = cols[None, :] < kend
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None] + off)
-        qk = tl.where(keep, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
+        qk = tl.where(visible(cols[None, :], offs_m[:, None], kend, off, CAUSAL), qk, float("-inf"))
+    p, alpha, l_i, m_new = softmax_step(qk, m_i, l_i)
     acc = acc * alpha[:, None]
     if LOAD_N:
         v = tl.load(v_ptrs + start_n * stride_vn, mask=cols[:, None] < Sk, other=0.0)
@@ -62,53 +58,35 @@ def _attn_fwd(
     HAS_KLEN: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :]
+    pid_bh, b, h, hk, m0, offs_m, offs_n, offs_d = query_program(H, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM)
+    q_ptrs = row_major_ptrs(head_base(Q, b, h, sqb, sqh), offs_m, sqm, offs_d)
     if EVEN_M:
         q = tl.load(q_ptrs)
     else:
         q = tl.load(q_ptrs, mask=offs_m[:, None] < Sq, other=0.0)
     # K is read transposed, (HEAD_DIM, BLOCK_N); V as (BLOCK_N, HEAD_DIM)
-    k_ptrs = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[None, :] * skn + offs_d[:, None]
-    v_ptrs = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :]
+    k_ptrs = transposed_ptrs(head_base(K, b, hk, skb, skh), offs_n, skn, offs_d)
+    v_ptrs = row_major_ptrs(head_base(V, b, hk, svb, svh), offs_n, svn, offs_d)
 
-    # the sink joins the online softmax as its first column (value 0); the running max is floored at
-    # -1e30 so exp2(m_old - m_new) stays finite on rows that see no key
+    s2 = 0.0
     if HAS_SINK:
         s2 = tl.load(Sink + h).to(tl.float32) * 1.4426950408889634
-        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.maximum(s2, -1.0e30)
-        l_i = tl.math.exp2(s2 - m_i)
-    else:
-        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i, l_i = sink_start(s2, BLOCK_M, HAS_SINK)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     off = Sk - Sq
 
     if SPARSE:
-        qt = m0 // TILE_M
-        cnt = tl.load(QCnt + b * scb + h * sch + qt)
-        idx_ptr = QIdx + b.to(tl.int64) * sib + h.to(tl.int64) * sih + qt * siq
+        idx_ptr, cnt = tile_list(QIdx, QCnt, b, h, m0 // TILE_M, sib, sih, siq, scb, sch)
         for t in range(0, cnt):
             kt = tl.load(idx_ptr + t)
-            kend = Sk
-            if HAS_KLEN:
-                kend = tl.minimum(kt * TILE_N + tl.load(KLen + kt), Sk)
+            kend = key_tile_end(KLen, kt, Sk, TILE_N, HAS_KLEN)
             for sub in tl.static_range(TILE_N // BLOCK_N):
                 acc, l_i, m_i = _fwd_block(
                     acc, l_i, m_i, q, k_ptrs, v_ptrs, kt * TILE_N + sub * BLOCK_N, offs_m, offs_n, Sk, kend,
                     off, qk_scale, (CAUSAL or HAS_KLEN) or (not EVEN_N), CAUSAL, not EVEN_N, PREC, skn, svn)
     else:
         if CAUSAL:
-            full_end = (tl.maximum(m0 + off + 1, 0) // BLOCK_N) * BLOCK_N
-            hi = tl.minimum(m0 + BLOCK_M + off, Sk)
+            full_end, hi = causal_key_range(m0, off, Sk, BLOCK_M, BLOCK_N)
         else:
             full_end = Sk
             hi = Sk
@@ -124,11 +102,4 @@ def _attn_fwd(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    o_ptrs = Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + offs_d[None, :]
-    lse_ptrs = Lse + pid_bh.to(tl.int64) * Sq + offs_m
-    if EVEN_M:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty))
-        tl.store(lse_ptrs, lse)
-    else:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < Sq)
-        tl.store(lse_ptrs, lse, mask=offs_m < Sq)
+    store_out_lse(Out, Lse, out, lse, b, h, pid_bh, offs_m, offs_d, sob, soh, som, Sq, EVEN_M)

@@ -11,6 +11,7 @@ e4m3 number first (`EXACT_FP8`); on GPUs the hardware cvt.rn.satfinite does it.
 import triton
 import triton.language as tl
 
+from ._common import head_base, load_rows_f32, row_major_ptrs, row_program
 from ._tuning import INTERPRET
 
 EXACT_FP8 = INTERPRET
@@ -57,15 +58,8 @@ def _quant_tokens_int8(
 ):
     """Per-token INT8 of x (B, H, S, D) (minus Mean (B, H, D) when SUB_MEAN): x8 row-major, optionally a
     transposed copy, scale (B, H, S); HAS_CORR also writes corr (B, H, S) = corr_scale * x . KMean[kv head]."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    rows = pid * BLOCK + tl.arange(0, BLOCK)
-    d = tl.arange(0, HEAD_DIM)
-    inb = rows < S
-    x = tl.load(X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + rows[:, None] * sxs + d[None, :],
-                mask=inb[:, None], other=0.0).to(tl.float32)
+    pid, bh, b, h, rows, d, inb = row_program(H, S, BLOCK, HEAD_DIM)
+    x = load_rows_f32(X, b, h, sxb, sxh, sxs, rows, d, inb)
     if SUB_MEAN:
         x = x - tl.load(Mean + bh * HEAD_DIM + d)[None, :]
     if HAS_CORR:
@@ -74,11 +68,9 @@ def _quant_tokens_int8(
         tl.store(Corr + bh.to(tl.int64) * S + rows, c, mask=inb)
     x8, sc = quant_rows_int8(x)
     tl.store(Scale + bh.to(tl.int64) * S + rows, sc, mask=inb)
-    tl.store(X8 + b.to(tl.int64) * s8b + h.to(tl.int64) * s8h + rows[:, None] * s8s + d[None, :], x8,
-             mask=inb[:, None])
+    tl.store(row_major_ptrs(head_base(X8, b, h, s8b, s8h), rows, s8s, d), x8, mask=inb[:, None])
     if HAS_T:
-        tl.store(X8T + b.to(tl.int64) * stb + h.to(tl.int64) * sth + rows[:, None] + d[None, :] * std, x8,
-                 mask=inb[:, None])
+        tl.store(head_base(X8T, b, h, stb, sth) + rows[:, None] + d[None, :] * std, x8, mask=inb[:, None])
 
 
 @triton.jit
@@ -89,15 +81,8 @@ def _quant_channels_fp8(
     """Per-channel FP8 of x (B, H, S, D): x8 = e4m3(y), y = x * 448 / Amax[b, h, d], stored through strides
     (the launcher passes a [D, S] K-major buffer); HAS_LO also stores the residual e4m3(16 (y - x8)) in XLo
     (same strides): y ~ x8 + lo / 16 to ~2^-8 relative (the `v_split` two-term V)."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    rows = pid * BLOCK + tl.arange(0, BLOCK)
-    d = tl.arange(0, HEAD_DIM)
-    inb = rows < S
-    x = tl.load(X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + rows[:, None] * sxs + d[None, :],
-                mask=inb[:, None], other=0.0).to(tl.float32)
+    pid, bh, b, h, rows, d, inb = row_program(H, S, BLOCK, HEAD_DIM)
+    x = load_rows_f32(X, b, h, sxb, sxh, sxs, rows, d, inb)
     inv = 448.0 / tl.maximum(tl.load(Amax + bh * HEAD_DIM + d), 1e-30)
     y = x * inv[None, :]
     x8 = to_fp8(y, EXACT)

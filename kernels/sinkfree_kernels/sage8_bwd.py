@@ -14,6 +14,8 @@
 import triton
 import triton.language as tl
 
+from ._common import (causal_key_range, causal_query_range, head_base, key_program, key_tile_end, query_program,
+                      row_major_ptrs, store_dkdv, store_rows, tile_list, transposed_ptrs, visible)
 from ._tuning import EVEN_HEURISTICS, make_configs, make_pruner
 from .quant import quant_rows_int8, to_fp8
 
@@ -64,10 +66,7 @@ def _s8_dkdv_block(dk, dv, k8, ks, v, q8_base, q8t_base, qs_base, do_base, do8_b
     kqT = tl.dot(k8, tl.trans(q8)).to(tl.float32) * (qs * qk_scale)[None, :] * ks[:, None]  # (BLOCK_N, BLOCK_M)
     pT = tl.math.exp2(kqT - lse2[None, :])
     if MASK:
-        keep = offs_n[:, None] < kend
-        if CAUSAL:
-            keep = keep & (offs_n[:, None] <= rows[None, :] + off)
-        pT = tl.where(keep, pT, 0.0)
+        pT = tl.where(visible(offs_n[:, None], rows[None, :], kend, off, CAUSAL), pT, 0.0)
     dv += tl.dot(to_fp8(pT * 448.0, EXACT), do8) * dofac[None, :]
     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
     dsT = pT * (dpT - delta[None, :])
@@ -90,16 +89,9 @@ def _sage8_bwd_dkdv(
     EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
-    n0 = pid_n * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    k_ptrs = K8 + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :]
-    v_ptrs = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :]
+    pid_bh, b, hk, n0, offs_n, offs_m, offs_d = key_program(HKV, BLOCK_M, BLOCK_N, HEAD_DIM)
+    k_ptrs = row_major_ptrs(head_base(K8, b, hk, skb, skh), offs_n, skn, offs_d)
+    v_ptrs = row_major_ptrs(head_base(V, b, hk, svb, svh), offs_n, svn, offs_d)
     ks_ptrs = KS + pid_bh.to(tl.int64) * Sk + offs_n
     if EVEN_N:
         k8 = tl.load(k_ptrs)
@@ -113,25 +105,22 @@ def _sage8_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     off = Sk - Sq
     kt = n0 // TILE_N
-    kend = Sk
-    if HAS_KLEN:
-        kend = tl.minimum(kt * TILE_N + tl.load(KLen + kt), Sk)
+    kend = key_tile_end(KLen, kt, Sk, TILE_N, HAS_KLEN)
 
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
-        q8_base = Q8 + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-        q8t_base = Q8T + b.to(tl.int64) * stb + h.to(tl.int64) * sth
+        q8_base = head_base(Q8, b, h, sqb, sqh)
+        q8t_base = head_base(Q8T, b, h, stb, sth)
         qs_base = QS + bh.to(tl.int64) * Sq
-        do_base = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
-        do8_base = DO8 + b.to(tl.int64) * s8b + h.to(tl.int64) * s8h
+        do_base = head_base(DO, b, h, sdob, sdoh)
+        do8_base = head_base(DO8, b, h, s8b, s8h)
         lse_base = Lse + bh.to(tl.int64) * Sq
         delta_base = Delta + bh.to(tl.int64) * Sq
         corr_base = Corr + bh.to(tl.int64) * Sq
         dofac = tl.load(DOFac + bh * HEAD_DIM + offs_d)
         if SPARSE:
-            cnt = tl.load(KCnt + b * scb + h * sch + kt)
-            idx_ptr = KIdx + b.to(tl.int64) * sib + h.to(tl.int64) * sih + kt * siq
+            idx_ptr, cnt = tile_list(KIdx, KCnt, b, h, kt, sib, sih, siq, scb, sch)
             for t in range(0, cnt):
                 qt = tl.load(idx_ptr + t)
                 for sub in tl.static_range(TILE_M // BLOCK_M):
@@ -144,8 +133,7 @@ def _sage8_bwd_dkdv(
             lo = 0
             mid = 0
             if CAUSAL:
-                lo = (tl.maximum(n0 - off, 0) // BLOCK_M) * BLOCK_M
-                mid = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M
+                lo, mid = causal_query_range(n0, off, BLOCK_M, BLOCK_N)
                 for start_m in range(lo, tl.minimum(mid, Sq), BLOCK_M):
                     dk, dv = _s8_dkdv_block(
                         dk, dv, k8, ks, v, q8_base, q8t_base, qs_base, do_base, do8_base, lse_base, delta_base,
@@ -157,15 +145,7 @@ def _sage8_bwd_dkdv(
                     corr_base, dofac, start_m, offs_m, offs_n, offs_d, Sq, kend, off, qk_scale, sqm, stm,
                     std, sdom, s8m, s8d, False, CAUSAL, not EVEN_M, PREC, EXACT, HAS_CORR)
 
-    dk = dk * sm_scale
-    dk_ptrs = DK + b.to(tl.int64) * sgb + hk.to(tl.int64) * sgh + offs_n[:, None] * sgn + offs_d[None, :]
-    dv_ptrs = DV + b.to(tl.int64) * sgb + hk.to(tl.int64) * sgh + offs_n[:, None] * sgn + offs_d[None, :]
-    if EVEN_N:
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty))
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty))
-    else:
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=offs_n[:, None] < Sk)
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < Sk)
+    store_dkdv(DK, DV, dk * sm_scale, dv, b, hk, offs_n, offs_d, sgb, sgh, sgn, Sk, EVEN_N)
 
 
 @triton.jit
@@ -187,10 +167,7 @@ def _s8_dq_block(dq, q8, row_s, do, lse2, delta, k_ptrs, kt_ptrs, ks_ptrs, v_ptr
     qk = tl.dot(q8, k8T).to(tl.float32) * row_s[:, None] * ks[None, :]
     p = tl.math.exp2(qk - lse2[:, None])
     if MASK:
-        keep = cols[None, :] < kend
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None] + off)
-        p = tl.where(keep, p, 0.0)
+        p = tl.where(visible(cols[None, :], offs_m[:, None], kend, off, CAUSAL), p, 0.0)
     dp = tl.dot(do, vT, input_precision=PREC)
     ds = p * (dp - delta[:, None])
     a8, sc = quant_rows_int8(ds * ks[None, :])  # keys past Sk have k_scale 0: nothing added
@@ -211,18 +188,10 @@ def _sage8_bwd_dq(
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
+    pid_bh, b, h, hk, m0, offs_m, offs_n, offs_d = query_program(H, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM)
     bhk = b * (H // GROUP) + hk
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = Q8 + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :]
-    do_ptrs = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + offs_m[:, None] * sdom + offs_d[None, :]
+    q_ptrs = row_major_ptrs(head_base(Q8, b, h, sqb, sqh), offs_m, sqm, offs_d)
+    do_ptrs = row_major_ptrs(head_base(DO, b, h, sdob, sdoh), offs_m, sdom, offs_d)
     row_ptrs = pid_bh.to(tl.int64) * Sq + offs_m
     inb = offs_m < Sq
     if EVEN_M:
@@ -239,22 +208,18 @@ def _sage8_bwd_dq(
         lse = lse - tl.load(Corr + row_ptrs, mask=inb, other=0.0)
     lse2 = lse * 1.4426950408889634
     row_s = qs * qk_scale
-    k_ptrs = K8 + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[None, :] * skn + offs_d[:, None]
+    k_ptrs = transposed_ptrs(head_base(K8, b, hk, skb, skh), offs_n, skn, offs_d)
     kt_ptrs = K8T + b.to(tl.int64) * stb + hk.to(tl.int64) * sth + offs_n[:, None] * stn + offs_d[None, :] * std
     ks_ptrs = KS + bhk.to(tl.int64) * Sk + offs_n
-    v_ptrs = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[None, :] * svn + offs_d[:, None]
+    v_ptrs = transposed_ptrs(head_base(V, b, hk, svb, svh), offs_n, svn, offs_d)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     off = Sk - Sq
 
     if SPARSE:
-        qt = m0 // TILE_M
-        cnt = tl.load(QCnt + b * scb + h * sch + qt)
-        idx_ptr = QIdx + b.to(tl.int64) * sib + h.to(tl.int64) * sih + qt * siq
+        idx_ptr, cnt = tile_list(QIdx, QCnt, b, h, m0 // TILE_M, sib, sih, siq, scb, sch)
         for t in range(0, cnt):
             kt = tl.load(idx_ptr + t)
-            kend = Sk
-            if HAS_KLEN:
-                kend = tl.minimum(kt * TILE_N + tl.load(KLen + kt), Sk)
+            kend = key_tile_end(KLen, kt, Sk, TILE_N, HAS_KLEN)
             for sub in tl.static_range(TILE_N // BLOCK_N):
                 dq = _s8_dq_block(dq, q8, row_s, do, lse2, delta, k_ptrs, kt_ptrs, ks_ptrs, v_ptrs,
                                   kt * TILE_N + sub * BLOCK_N, offs_m, offs_n, Sk, kend, off, skn, stn, svn,
@@ -263,8 +228,8 @@ def _sage8_bwd_dq(
         hi = Sk
         full_end = Sk
         if CAUSAL:
-            full_end = tl.minimum((tl.maximum(m0 + off + 1, 0) // BLOCK_N) * BLOCK_N, Sk)
-            hi = tl.minimum(m0 + BLOCK_M + off, Sk)
+            full_end, hi = causal_key_range(m0, off, Sk, BLOCK_M, BLOCK_N)
+            full_end = tl.minimum(full_end, Sk)
         for start_n in range(0, full_end, BLOCK_N):
             dq = _s8_dq_block(dq, q8, row_s, do, lse2, delta, k_ptrs, kt_ptrs, ks_ptrs, v_ptrs, start_n, offs_m,
                               offs_n, Sk, Sk, off, skn, stn, svn, False, CAUSAL, not EVEN_N, PREC)
@@ -275,9 +240,4 @@ def _sage8_bwd_dq(
     if HAS_R:
         r = tl.load(R + row_ptrs, mask=inb, other=0.0)
         dq = dq + r[:, None] * tl.load(KMean + bhk * HEAD_DIM + offs_d)[None, :]
-    dq = dq * sm_scale
-    dq_ptrs = DQ + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + offs_m[:, None] * sgm + offs_d[None, :]
-    if EVEN_M:
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
-    else:
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < Sq)
+    store_rows(row_major_ptrs(head_base(DQ, b, h, sgb, sgh), offs_m, sgm, offs_d), dq * sm_scale, offs_m, Sq, EVEN_M)

@@ -16,6 +16,8 @@ column of the online softmax, running max floored at -1e30); what differs:
 import triton
 import triton.language as tl
 
+from ._common import (causal_key_range, head_base, key_tile_end, query_program, row_major_ptrs, sink_start,
+                      softmax_step, store_out_lse, tile_list, transposed_ptrs, visible)
 from ._tuning import EVEN_HEURISTICS, make_configs, make_pruner
 from .quant import to_fp8
 
@@ -38,14 +40,8 @@ def _s8_fwd_block(acc, l_i, m_i, q8, row_s, k_ptrs, ks_ptrs, v_ptrs, vlo_ptrs, s
         ks = tl.load(ks_ptrs + start_n)
     qk = tl.dot(q8, k).to(tl.float32) * row_s[:, None] * ks[None, :]  # (BLOCK_M, BLOCK_N), base 2
     if MASK:
-        keep = cols[None, :] < kend
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None] + off)
-        qk = tl.where(keep, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
+        qk = tl.where(visible(cols[None, :], offs_m[:, None], kend, off, CAUSAL), qk, float("-inf"))
+    p, alpha, l_i, m_new = softmax_step(qk, m_i, l_i)
     if LOAD_N:
         v = tl.load(v_ptrs + start_n * svn, mask=cols[:, None] < Sk, other=0.0)
     else:
@@ -79,17 +75,9 @@ def _sage8_fwd(
     EXACT: tl.constexpr, V_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
+    pid_bh, b, h, hk, m0, offs_m, offs_n, offs_d = query_program(H, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM)
     bhk = b * (H // GROUP) + hk
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = Q8 + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :]
+    q_ptrs = row_major_ptrs(head_base(Q8, b, h, sqb, sqh), offs_m, sqm, offs_d)
     if EVEN_M:
         q8 = tl.load(q_ptrs)
         qs = tl.load(QS + pid_bh.to(tl.int64) * Sq + offs_m)
@@ -103,32 +91,25 @@ def _sage8_fwd(
         corr = tl.zeros([BLOCK_M], dtype=tl.float32)
     # K8 read transposed (HEAD_DIM, BLOCK_N) from its row-major layout (K-major for the INT8 dot);
     # V8 (BLOCK_N, HEAD_DIM) through its strides (a [D, S] buffer: K-major for the FP8 dot)
-    k_ptrs = K8 + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[None, :] * skn + offs_d[:, None]
+    k_ptrs = transposed_ptrs(head_base(K8, b, hk, skb, skh), offs_n, skn, offs_d)
     ks_ptrs = KS + bhk.to(tl.int64) * Sk + offs_n
     v_off = b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
     v_ptrs = V8 + v_off
     vlo_ptrs = VLo + v_off
 
+    s2 = 0.0
     if HAS_SINK:
         # smoothed logits are shifted by -c_i: the sink joins at s_h - c_i so the softmax is unchanged
         s2 = (tl.load(Sink + h).to(tl.float32) - corr) * 1.4426950408889634
-        m_i = tl.maximum(s2, -1.0e30)
-        l_i = tl.math.exp2(s2 - m_i)
-    else:
-        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i, l_i = sink_start(s2, BLOCK_M, HAS_SINK)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     off = Sk - Sq
 
     if SPARSE:
-        qt = m0 // TILE_M
-        cnt = tl.load(QCnt + b * scb + h * sch + qt)
-        idx_ptr = QIdx + b.to(tl.int64) * sib + h.to(tl.int64) * sih + qt * siq
+        idx_ptr, cnt = tile_list(QIdx, QCnt, b, h, m0 // TILE_M, sib, sih, siq, scb, sch)
         for t in range(0, cnt):
             kt = tl.load(idx_ptr + t)
-            kend = Sk
-            if HAS_KLEN:
-                kend = tl.minimum(kt * TILE_N + tl.load(KLen + kt), Sk)
+            kend = key_tile_end(KLen, kt, Sk, TILE_N, HAS_KLEN)
             for sub in tl.static_range(TILE_N // BLOCK_N):
                 acc, l_i, m_i = _s8_fwd_block(
                     acc, l_i, m_i, q8, row_s, k_ptrs, ks_ptrs, v_ptrs, vlo_ptrs, kt * TILE_N + sub * BLOCK_N,
@@ -136,8 +117,7 @@ def _sage8_fwd(
                     V_SPLIT, skn, svn)
     else:
         if CAUSAL:
-            full_end = (tl.maximum(m0 + off + 1, 0) // BLOCK_N) * BLOCK_N
-            hi = tl.minimum(m0 + BLOCK_M + off, Sk)
+            full_end, hi = causal_key_range(m0, off, Sk, BLOCK_M, BLOCK_N)
         else:
             full_end = Sk
             hi = Sk
@@ -155,11 +135,4 @@ def _sage8_fwd(
     out = (acc * vfac[None, :]) / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"),
                    (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453 + corr)
-    o_ptrs = Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + offs_d[None, :]
-    lse_ptrs = Lse + pid_bh.to(tl.int64) * Sq + offs_m
-    if EVEN_M:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty))
-        tl.store(lse_ptrs, lse)
-    else:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < Sq)
-        tl.store(lse_ptrs, lse, mask=offs_m < Sq)
+    store_out_lse(Out, Lse, out, lse, b, h, pid_bh, offs_m, offs_d, sob, soh, som, Sq, EVEN_M)
