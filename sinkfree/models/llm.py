@@ -275,9 +275,10 @@ class LLM(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6·N (matmul params) + 12·L·H·D·S (attention), for MFU."""
+        """Training FLOPs per token for MFU: 6·N (matmul params) + 6·L·H·D·S (causal attention: half of
+        the 12·L·H·D·S of full attention, as DESIGN.md counts attention FLOPs)."""
         c = self.config
-        return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_layer * c.n_head * c.head_size * seq_len
+        return 6 * self.num_params(exclude_embedding=True) + 6 * c.n_layer * c.n_head * c.head_size * seq_len
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay on matmul weights and embeddings; none on gains, biases, sinks."""
