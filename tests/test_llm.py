@@ -135,7 +135,7 @@ def test_presets(name, low, high):
         model = LLM(LLMConfig.from_name(name))
     assert low < model.num_params() < high
     c = model.config
-    expect = 6 * model.num_params(exclude_embedding=True) + 12 * c.n_layer * c.n_head * c.head_size * 1024
+    expect = 6 * model.num_params(exclude_embedding=True) + 6 * c.n_layer * c.n_head * c.head_size * 1024
     assert model.flops_per_token(1024) == expect
     assert LLMConfig.from_name(name, attn_gate="elementwise").attn_gate == "elementwise"
 
