@@ -47,8 +47,19 @@ def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _tile_args(q, idx, cnt, tile_q, tile_k):
-    """Broadcast tile lists to (B, Hq, Nq, K) / (B, Hq, Nq) views with a contiguous last dim."""
+def _softmax_scale(q, scale):
+    """The score scale: 1/sqrt(D) by default."""
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def _grid(n, block, programs):
+    """Launch grid of an autotuned kernel: (cdiv(n, meta[block]), programs)."""
+    return lambda meta: (triton.cdiv(n, meta[block]), programs)
+
+
+def _tile_args(q, idx, cnt, tile_q, tile_k, kv_tile_len=None):
+    """Broadcast tile lists to (B, Hq, Nq, K) / (B, Hq, Nq) views with a contiguous last dim; kv_tile_len
+    (Nk,) as contiguous int32 on q's device. Returns (idx, cnt, kv_tile_len)."""
     b, hq, sq, _ = q.shape
     if tile_q not in (64, 128) or tile_k not in (64, 128):
         raise ValueError(f"tile sizes must be 64 or 128, got tile_q={tile_q}, tile_k={tile_k}")
@@ -60,7 +71,58 @@ def _tile_args(q, idx, cnt, tile_q, tile_k):
         raise ValueError("tile lists must be int32")
     idx = _lastdim_contig(idx.expand(b, hq, nq, idx.shape[3]))
     cnt = _lastdim_contig(cnt.expand(b, hq, nq))
-    return idx, cnt
+    if kv_tile_len is not None:
+        kv_tile_len = kv_tile_len.to(device=q.device, dtype=torch.int32).contiguous()
+    return idx, cnt, kv_tile_len
+
+
+def _list_args(idx, cnt, klen, dummy):
+    """Kernel arguments of optional tile lists: (sparse, idx, cnt, klen, strides of idx and cnt); `dummy`
+    stands in for absent tensors (never read: SPARSE / HAS_KLEN are off)."""
+    if idx is None:
+        return False, dummy, dummy, (klen if klen is not None else dummy), (0, 0, 0, 0, 0)
+    strides = (idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1))
+    return True, idx, cnt, (klen if klen is not None else dummy), strides
+
+
+def _bwd_list_args(idx, cnt, klen, n_k_tiles, dummy):
+    """The backward's list arguments: (sparse, query-major idx, cnt, strides for dQ, the transposed key-major
+    kidx, kcnt, strides for dK/dV, klen)."""
+    kidx = kcnt = None
+    if idx is not None:
+        kidx, kcnt = transpose_lists(idx, cnt, n_k_tiles)
+    sparse, kidx, kcnt, klen_t, strides_k = _list_args(kidx, kcnt, klen, dummy)
+    _, idx, cnt, _, strides_q = _list_args(idx, cnt, klen, dummy)
+    return sparse, idx, cnt, strides_q, kidx, kcnt, strides_k, klen_t
+
+
+def _bwd_delta(out, dout, lse, dlse, sink):
+    """delta = rowsum(dO * O) - dLSE (B, Hq, Sq) fp32 and dsink (Hq,) fp32 (empty without a sink)."""
+    b, hq, sq, d = out.shape
+    delta = torch.empty((b, hq, sq), dtype=torch.float32, device=out.device)
+    n_pre = triton.cdiv(sq, _PRE_BLOCK)
+    part = torch.empty((b * hq, n_pre), dtype=torch.float32, device=out.device)
+    sink_t = sink.float().contiguous() if sink is not None else lse
+    dlse_t = dlse.float().contiguous() if dlse is not None else lse
+    _bwd_preprocess[(n_pre, b * hq)](
+        out, dout, lse, dlse_t, sink_t, delta, part,
+        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        hq, sq, n_pre, HEAD_DIM=d, BLOCK=_PRE_BLOCK, HAS_SINK=sink is not None, HAS_DLSE=dlse is not None,
+    )
+    if sink is None:
+        return delta, torch.zeros((0,), dtype=torch.float32, device=out.device)
+    return delta, -part.view(b, hq, -1).sum(dim=(0, 2))
+
+
+def _fake_fwd(q, *args):
+    b, h, s, d = q.shape
+    return q.new_empty((b, h, s, d)), q.new_empty((b, h, s), dtype=torch.float32)
+
+
+def _fake_grads(q, k, v, sink):
+    n = q.shape[1] if sink is not None else 0
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty((n,), dtype=torch.float32))
 
 
 def _forward(q, k, v, sink, causal, scale, idx=None, cnt=None, klen=None, tile_q=64, tile_k=64):
@@ -71,24 +133,13 @@ def _forward(q, k, v, sink, causal, scale, idx=None, cnt=None, klen=None, tile_q
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    sparse = idx is not None
     sink_t = sink.float().contiguous() if sink is not None else lse
-    if sparse:
-        sib, sih, siq = idx.stride(0), idx.stride(1), idx.stride(2)
-        scb, sch = cnt.stride(0), cnt.stride(1)
-    else:
-        idx = cnt = lse
-        sib = sih = siq = scb = sch = 0
-    klen_t = klen if klen is not None else lse
-
-    def grid(meta):
-        return (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)
-
-    _attn_fwd[grid](
+    sparse, idx, cnt, klen_t, list_strides = _list_args(idx, cnt, klen, lse)
+    _attn_fwd[_grid(sq, "BLOCK_M", b * hq)](
         q, k, v, out, lse, sink_t, idx, cnt, klen_t,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        sib, sih, siq, scb, sch,
+        *list_strides,
         hq, hq // hkv, sq, sk, scale * LOG2E, seq_bucket(max(sq, sk)),
         HEAD_DIM=d, CAUSAL=causal, SPARSE=sparse, HAS_SINK=sink is not None, HAS_KLEN=klen is not None,
         TILE_M=tile_q, TILE_N=tile_k, PREC=_prec(q.dtype),
@@ -104,31 +155,13 @@ def _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, deterministic,
     dq = torch.empty((b, hq, sq, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, hkv, sk, d), dtype=k.dtype, device=q.device)
     dv = torch.empty((b, hkv, sk, d), dtype=v.dtype, device=q.device)
-    dsink = torch.zeros((hq,) if sink is not None else (0,), dtype=torch.float32, device=q.device)
     if sq == 0 or sk == 0:
+        dsink = torch.zeros((hq,) if sink is not None else (0,), dtype=torch.float32, device=q.device)
         return dq.zero_(), dk.zero_(), dv.zero_(), dsink
-    delta = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
-    n_pre = triton.cdiv(sq, _PRE_BLOCK)
-    part = torch.empty((b * hq, n_pre), dtype=torch.float32, device=q.device)
-    sink_t = sink.float().contiguous() if sink is not None else lse
-    dlse_t = dlse.float().contiguous() if dlse is not None else lse
-    _bwd_preprocess[(n_pre, b * hq)](
-        out, dout, lse, dlse_t, sink_t, delta, part,
-        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        hq, sq, n_pre, HEAD_DIM=d, BLOCK=_PRE_BLOCK, HAS_SINK=sink is not None, HAS_DLSE=dlse is not None,
-    )
-    if sink is not None:
-        dsink = -part.view(b, hq, -1).sum(dim=(0, 2))
+    delta, dsink = _bwd_delta(out, dout, lse, dlse, sink)
 
-    sparse = idx is not None
-    if sparse:
-        kidx, kcnt = transpose_lists(idx, cnt, triton.cdiv(sk, tile_k))
-        strides_q = (idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1))
-        strides_k = (kidx.stride(0), kidx.stride(1), kidx.stride(2), kcnt.stride(0), kcnt.stride(1))
-    else:
-        idx = cnt = kidx = kcnt = lse
-        strides_q = strides_k = (0, 0, 0, 0, 0)
-    klen_t = klen if klen is not None else lse
+    sparse, idx, cnt, strides_q, kidx, kcnt, strides_k, klen_t = _bwd_list_args(
+        idx, cnt, klen, triton.cdiv(sk, tile_k), lse)
     common = dict(HEAD_DIM=d, CAUSAL=causal, SPARSE=sparse, HAS_KLEN=klen is not None,
                   TILE_M=tile_q, TILE_N=tile_k, PREC=_prec(q.dtype))
     key = seq_bucket(max(sq, sk))
@@ -137,10 +170,7 @@ def _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, deterministic,
               else torch.empty(1, dtype=torch.float32, device=q.device))
     acc_strides = (dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2)) if not deterministic else (0, 0, 0)
 
-    def grid_n(meta):
-        return (triton.cdiv(sk, meta["BLOCK_N"]), b * hkv)
-
-    _attn_bwd_dkdv[grid_n](
+    _attn_bwd_dkdv[_grid(sk, "BLOCK_N", b * hkv)](
         q, k, v, dout, lse, delta, dk, dv, dq_acc, kidx, kcnt, klen_t,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
@@ -150,10 +180,7 @@ def _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, deterministic,
     if not deterministic:
         return dq_acc.to(q.dtype), dk, dv, dsink
 
-    def grid_m(meta):
-        return (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)
-
-    _attn_bwd_dq[grid_m](
+    _attn_bwd_dq[_grid(sq, "BLOCK_M", b * hq)](
         q, k, v, dout, lse, delta, dq, idx, cnt, klen_t,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
@@ -172,10 +199,7 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: Opti
     return _forward(q, k, v, sink, causal, scale)
 
 
-@flash_attn_fwd.register_fake
-def _(q, k, v, sink, causal, scale, deterministic):
-    b, h, s, d = q.shape
-    return q.new_empty((b, h, s, d)), q.new_empty((b, h, s), dtype=torch.float32)
+flash_attn_fwd.register_fake(_fake_fwd)
 
 
 @torch.library.custom_op("sinkfree::flash_attn_bwd", mutates_args=())
@@ -189,9 +213,7 @@ def flash_attn_bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Te
 
 @flash_attn_bwd.register_fake
 def _(dout, dlse, q, k, v, out, lse, sink, causal, scale, deterministic):
-    n = q.shape[1] if sink is not None else 0
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            q.new_empty((n,), dtype=torch.float32))
+    return _fake_grads(q, k, v, sink)
 
 
 def _flash_setup(ctx, inputs, output):
@@ -221,10 +243,7 @@ def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q2k
     return _forward(q, k, v, sink, causal, scale, q2k_idx, q2k_cnt, kv_tile_len, tile_q, tile_k)
 
 
-@block_sparse_attn_fwd.register_fake
-def _(q, k, v, q2k_idx, q2k_cnt, kv_tile_len, sink, causal, scale, tile_q, tile_k, deterministic):
-    b, h, s, d = q.shape
-    return q.new_empty((b, h, s, d)), q.new_empty((b, h, s), dtype=torch.float32)
+block_sparse_attn_fwd.register_fake(_fake_fwd)
 
 
 @torch.library.custom_op("sinkfree::block_sparse_attn_bwd", mutates_args=())
@@ -241,9 +260,7 @@ def block_sparse_attn_bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: t
 @block_sparse_attn_bwd.register_fake
 def _(dout, dlse, q, k, v, out, lse, q2k_idx, q2k_cnt, kv_tile_len, sink, causal, scale, tile_q, tile_k,
       deterministic):
-    n = q.shape[1] if sink is not None else 0
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            q.new_empty((n,), dtype=torch.float32))
+    return _fake_grads(q, k, v, sink)
 
 
 def _bs_setup(ctx, inputs, output):
@@ -268,8 +285,7 @@ def flash_attention(q, k, v, sink=None, causal=False, scale=None, deterministic=
     """Dense flash attention with optional per-head sink logits (fp32, (Hq,)): returns (out, lse).
     deterministic=False adds dQ with fp32 atomics in the backward (faster, not bitwise reproducible)."""
     _check_inputs(q, k, v, sink)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return flash_attn_fwd(q, k, v, sink, bool(causal), scale, bool(deterministic))
+    return flash_attn_fwd(q, k, v, sink, bool(causal), _softmax_scale(q, scale), bool(deterministic))
 
 
 def block_sparse_attention(q, k, v, q2k_idx, q2k_cnt, sink=None, causal=False, scale=None, tile_q=64,
@@ -278,9 +294,7 @@ def block_sparse_attention(q, k, v, q2k_idx, q2k_cnt, sink=None, causal=False, s
     int32; kv_tile_len (Nk,) int32 gives the real tokens of each padded key tile. Returns (out, lse).
     deterministic=False: dQ by fp32 atomics in the backward (faster, not bitwise reproducible)."""
     _check_inputs(q, k, v, sink)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    idx, cnt = _tile_args(q, q2k_idx, q2k_cnt, tile_q, tile_k)
-    if kv_tile_len is not None:
-        kv_tile_len = kv_tile_len.to(device=q.device, dtype=torch.int32).contiguous()
+    scale = _softmax_scale(q, scale)
+    idx, cnt, kv_tile_len = _tile_args(q, q2k_idx, q2k_cnt, tile_q, tile_k, kv_tile_len)
     return block_sparse_attn_fwd(q, k, v, idx, cnt, kv_tile_len, sink, bool(causal), scale, tile_q, tile_k,
                                  bool(deterministic))

@@ -10,22 +10,19 @@ op), `sage8_quantize` + `sage8_attention_quantized` (kernel-only forward). Input
 q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), D in (64, 128), fp16/bf16 (fp32 for tests).
 """
 
-import math
 from typing import Optional
 
 import torch
 import triton
 
 from ._tuning import seq_bucket
-from .attention_bwd import _bwd_preprocess
 from .attention_fwd import LOG2E
-from .ops import _check_inputs, _lastdim_contig, _prec, _tile_args
+from .ops import (_bwd_delta, _bwd_list_args, _check_inputs, _fake_fwd, _fake_grads, _grid, _lastdim_contig,
+                  _list_args, _prec, _softmax_scale, _tile_args)
 from .quant import EXACT_FP8, FP8_MAX, QUANT_BLOCK, _quant_channels_fp8, _quant_tokens_int8
 from .sage8_bwd import _sage8_bwd_dkdv, _sage8_bwd_dq
 from .sage8_fwd import _sage8_fwd
-from .tiles import transpose_lists
 
-_PRE_BLOCK = 64
 _PAD = 16  # K-major 8-bit buffers: rows padded to 16 bytes (TMA / vectorised loads)
 
 
@@ -83,17 +80,6 @@ def _quantize(q, k, v, scale, smooth_k, transposed=False, with_v=True, v_split=F
     return qz
 
 
-def _lists(q, k, idx, cnt, klen):
-    sparse = idx is not None
-    dummy = torch.empty(1, dtype=torch.int32, device=q.device)
-    if sparse:
-        strides = (idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1))
-    else:
-        idx = cnt = dummy
-        strides = (0, 0, 0, 0, 0)
-    return sparse, idx, cnt, (klen if klen is not None else dummy), strides
-
-
 def _forward_quantized(qz, shape_q, shape_k, dtype, sink, causal, scale, idx=None, cnt=None, klen=None,
                        tile_q=64, tile_k=64):
     b, hq, sq, d = shape_q
@@ -110,16 +96,13 @@ def _forward_quantized(qz, shape_q, shape_k, dtype, sink, causal, scale, idx=Non
         else:
             lse.fill_(float("-inf"))
         return out, lse
-    sparse, idx, cnt, klen_t, ls = _lists(qz["q8"], None, idx, cnt, klen)
+    sparse, idx, cnt, klen_t, ls = _list_args(idx, cnt, klen, torch.empty(1, dtype=torch.int32, device=device))
     sink_t = sink.float().contiguous() if sink is not None else lse
     corr = qz["corr"] if qz["corr"] is not None else lse
     q8, k8, v8 = qz["q8"], qz["k8"], qz["v8"]
 
-    def grid(meta):
-        return (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)
-
     vlo = qz.get("vlo")
-    _sage8_fwd[grid](
+    _sage8_fwd[_grid(sq, "BLOCK_M", b * hq)](
         q8, qz["qs"], k8, qz["ks"], v8, vlo if vlo is not None else v8, qz["vfac"].contiguous(), corr, out, lse, sink_t, idx, cnt, klen_t,
         q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
         v8.stride(0), v8.stride(1), v8.stride(2), v8.stride(3), out.stride(0), out.stride(1), out.stride(2),
@@ -146,22 +129,11 @@ def _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, smooth_k, idx=
     dq = torch.zeros((b, hq, sq, d), dtype=q.dtype, device=q.device)
     dk = torch.zeros((b, hkv, sk, d), dtype=k.dtype, device=q.device)
     dv = torch.zeros((b, hkv, sk, d), dtype=v.dtype, device=q.device)
-    dsink = torch.zeros((hq,) if sink is not None else (0,), dtype=torch.float32, device=q.device)
     if sq == 0 or sk == 0:
+        dsink = torch.zeros((hq,) if sink is not None else (0,), dtype=torch.float32, device=q.device)
         return dq, dk, dv, dsink
-    # delta' = rowsum(dO o O) - dLSE and the sink's partial sums: the bf16 family's preprocess
-    delta = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
-    n_pre = triton.cdiv(sq, _PRE_BLOCK)
-    part = torch.empty((b * hq, n_pre), dtype=torch.float32, device=q.device)
-    sink_t = sink.float().contiguous() if sink is not None else lse
-    dlse_t = dlse.float().contiguous() if dlse is not None else lse
-    _bwd_preprocess[(n_pre, b * hq)](
-        out, dout, lse, dlse_t, sink_t, delta, part,
-        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        hq, sq, n_pre, HEAD_DIM=d, BLOCK=_PRE_BLOCK, HAS_SINK=sink is not None, HAS_DLSE=dlse is not None,
-    )
-    if sink is not None:
-        dsink = -part.view(b, hq, -1).sum(dim=(0, 2))
+    # delta' = rowsum(dO o O) - dLSE and the sink gradient: the bf16 family's preprocess
+    delta, dsink = _bwd_delta(out, dout, lse, dlse, sink)
     qz = _quantize(q, k, v, scale, smooth_k, transposed=True, with_v=False)
     do8, dofac, _ = _quant_fp8_kmajor(dout)
     # r = rowsum(dS) = dLSE + delta' p_sink: the k-mean term of dQ (zero without sink and LSE gradient)
@@ -176,11 +148,8 @@ def _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, smooth_k, idx=
             r = r + dlse.float()
         r = torch.where(fin, r, 0.0).contiguous()
 
-    sparse = idx is not None
-    if sparse:
-        kidx, kcnt = transpose_lists(idx, cnt, triton.cdiv(sk, tile_k))
-    _, kidx, kcnt, klen_t, strides_k = _lists(q, k, kidx if sparse else None, kcnt if sparse else None, klen)
-    _, idx, cnt, _, strides_q = _lists(q, k, idx, cnt, klen)
+    sparse, idx, cnt, strides_q, kidx, kcnt, strides_k, klen_t = _bwd_list_args(
+        idx, cnt, klen, triton.cdiv(sk, tile_k), torch.empty(1, dtype=torch.int32, device=q.device))
     corr = qz["corr"] if qz["corr"] is not None else lse
     kmean = qz["kmean"] if qz["kmean"] is not None else lse
     common = dict(HEAD_DIM=d, CAUSAL=causal, SPARSE=sparse, HAS_KLEN=klen is not None,
@@ -188,10 +157,7 @@ def _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, smooth_k, idx=
     key = seq_bucket(max(sq, sk))
     q8, q8t, k8, k8t = qz["q8"], qz["q8t"], qz["k8"], qz["k8t"]
 
-    def grid_n(meta):
-        return (triton.cdiv(sk, meta["BLOCK_N"]), b * hkv)
-
-    _sage8_bwd_dkdv[grid_n](
+    _sage8_bwd_dkdv[_grid(sk, "BLOCK_N", b * hkv)](
         q8, q8t, qz["qs"], k8, qz["ks"], v, dout, do8, dofac.contiguous(), lse, delta, corr, dk, dv,
         kidx, kcnt, klen_t,
         q8.stride(0), q8.stride(1), q8.stride(2), q8t.stride(0), q8t.stride(1), q8t.stride(3), q8t.stride(2),
@@ -201,10 +167,7 @@ def _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, smooth_k, idx=
         hq, hkv, hq // hkv, sq, sk, scale * LOG2E, scale, key, EXACT=EXACT_FP8, **common,
     )
 
-    def grid_m(meta):
-        return (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)
-
-    _sage8_bwd_dq[grid_m](
+    _sage8_bwd_dq[_grid(sq, "BLOCK_M", b * hq)](
         q8, qz["qs"], k8, k8t, qz["ks"], v, dout, lse, delta, corr, r, kmean, dq, idx, cnt, klen_t,
         q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
         k8t.stride(0), k8t.stride(1), k8t.stride(3), k8t.stride(2), v.stride(0), v.stride(1), v.stride(2),
@@ -215,11 +178,6 @@ def _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, smooth_k, idx=
 
 
 # ---- ops ---------------------------------------------------------------------------------------------------
-
-def _fake_fwd(q, *args):
-    b, h, s, d = q.shape
-    return q.new_empty((b, h, s, d)), q.new_empty((b, h, s), dtype=torch.float32)
-
 
 @torch.library.custom_op("sinkfree::sage8_fwd", mutates_args=())
 def sage8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q2k_idx: Optional[torch.Tensor],
@@ -258,9 +216,7 @@ def sage8_bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor,
 
 @sage8_bwd.register_fake
 def _(dout, dlse, q, k, v, out, lse, q2k_idx, q2k_cnt, kv_tile_len, sink, causal, scale, tile_q, tile_k, smooth_k):
-    n = q.shape[1] if sink is not None else 0
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            q.new_empty((n,), dtype=torch.float32))
+    return _fake_grads(q, k, v, sink)
 
 
 def _setup(ctx, inputs, output):
@@ -286,7 +242,7 @@ def _prepare(q, k, v, sink, scale, infer):
     if infer and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sink)):
         raise RuntimeError("sage8-infer is forward-only (no backward): use the trainable 'sage8' "
                            "(sinkfree_kernels.sage8_attention(..., infer=False)) or run under torch.no_grad()")
-    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _softmax_scale(q, scale)
 
 
 def sage8_attention(q, k, v, sink=None, causal=False, scale=None, smooth_k=True, infer=False, v_split=False):
@@ -302,9 +258,7 @@ def sage8_block_sparse_attention(q, k, v, q2k_idx, q2k_cnt, sink=None, causal=Fa
                                  tile_k=64, kv_tile_len=None, smooth_k=True, infer=False, v_split=False):
     """Block-sparse 8-bit attention over the key-tile lists of `block_sparse_attention`: (out, lse)."""
     scale = _prepare(q, k, v, sink, scale, infer)
-    idx, cnt = _tile_args(q, q2k_idx, q2k_cnt, tile_q, tile_k)
-    if kv_tile_len is not None:
-        kv_tile_len = kv_tile_len.to(device=q.device, dtype=torch.int32).contiguous()
+    idx, cnt, kv_tile_len = _tile_args(q, q2k_idx, q2k_cnt, tile_q, tile_k, kv_tile_len)
     op = sage8_infer_fwd if infer else sage8_fwd
     return op(q, k, v, idx, cnt, kv_tile_len, sink, bool(causal), scale, tile_q, tile_k, bool(smooth_k),
               bool(v_split))
@@ -314,7 +268,7 @@ def sage8_quantize(q, k, v, scale=None, smooth_k=True, v_split=False):
     """The forward's quantization alone (INT8 Q, smoothed INT8 K, FP8 V): a dict for `sage8_attention_quantized`
     (kernel-only timing)."""
     _check_inputs(q, k, v, None)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _softmax_scale(q, scale)
     q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
     qz = _quantize(q, k, v, scale, smooth_k, v_split=v_split)
     qz.update(shape_q=tuple(q.shape), shape_k=tuple(k.shape), dtype=q.dtype, scale=scale)
@@ -324,7 +278,7 @@ def sage8_quantize(q, k, v, scale=None, smooth_k=True, v_split=False):
 def sage8_backward_quantize(q, k, dout, scale=None, smooth_k=True):
     """The backward's re-quantization alone (INT8 Q, K with K-major copies, FP8 dO): its cost is the part of
     the fwd+bwd time that is not attention kernels."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _softmax_scale(q, scale)
     q, k, dout = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(dout)
     qz = _quantize(q, k, None, scale, smooth_k, transposed=True, with_v=False)
     qz["do8"], qz["dofac"], _ = _quant_fp8_kmajor(dout)
@@ -335,6 +289,6 @@ def sage8_attention_quantized(qz, sink=None, causal=False, q2k_idx=None, q2k_cnt
     """The 8-bit attention kernel alone on `sage8_quantize` output (no autograd): (out, lse)."""
     idx = cnt = None
     if q2k_idx is not None:
-        idx, cnt = _tile_args(qz["q8"], q2k_idx, q2k_cnt, tile_q, tile_k)
+        idx, cnt, _ = _tile_args(qz["q8"], q2k_idx, q2k_cnt, tile_q, tile_k)
     return _forward_quantized(qz, qz["shape_q"], qz["shape_k"], qz["dtype"], sink, bool(causal), qz["scale"],
                               idx, cnt, None, tile_q, tile_k)
