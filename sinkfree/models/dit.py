@@ -6,7 +6,6 @@ timestep (+ class) conditioning and 3D RoPE -> final adaLN + linear -> unpatchif
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -32,10 +31,14 @@ from sinkfree.nn import (
 from sinkfree.nn import param_groups as _param_groups
 from sinkfree.nn.vsa import VSAAttention
 
-
-def _choice(field: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{field}={value!r} is not one of {list(allowed)}")
+from ._config import (
+    check_choice,
+    check_optional_positive_ints,
+    check_positive_finite,
+    check_positive_ints,
+    from_preset,
+    none_to_off,
+)
 
 
 @dataclass
@@ -102,19 +105,11 @@ class DiTConfig:
     """Std of the normal init of linear weights."""
 
     def __post_init__(self):
-        for name in ("attn_gate", "attn_sink", "residual_sink"):
-            if getattr(self, name) is None:
-                setattr(self, name, "none")
+        none_to_off(self, ("attn_gate", "attn_sink", "residual_sink"))
         if isinstance(self.outlier_clip, str) and self.outlier_clip.lower() == "none":
             self.outlier_clip = None
-        for name in ("in_channels", "n_layer", "n_embd", "n_head", "gatednorm_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        for name in ("out_channels", "head_dim", "intermediate_size", "vsa_topk"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise ValueError(f"{name}={value!r} must be a positive integer or None")
+        check_positive_ints(self, ("in_channels", "n_layer", "n_embd", "n_head", "gatednorm_rank"))
+        check_optional_positive_ints(self, ("out_channels", "head_dim", "intermediate_size", "vsa_topk"))
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ValueError(f"num_classes={self.num_classes!r} must be 0 (unconditional) or a positive integer")
         self.patch_size = tuple(self.patch_size)
@@ -125,16 +120,13 @@ class DiTConfig:
         if self.head_size % 2 or min(self.rope_axes) < 2:
             raise ValueError(f"head_dim={self.head_size} is too small or odd for 3D RoPE (t, h, w shares "
                              f"{list(self.rope_axes)} must be even and >= 2)")
-        for name in ("rms_norm_eps", "rope_theta", "init_std"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name}={value!r} must be a positive finite number")
+        check_positive_finite(self, ("rms_norm_eps", "rope_theta", "init_std"))
         if self.outlier_clip is not None and not self.outlier_clip > 0:
             raise ValueError(f"outlier_clip={self.outlier_clip!r} must be none or a positive number")
-        _choice("attn_gate", self.attn_gate, ATTN_GATE_KINDS)
-        _choice("attn_sink", self.attn_sink, ATTN_SINK_KINDS)
-        _choice("residual_sink", self.residual_sink, RESIDUAL_SINK_KINDS)
-        _choice("norm", self.norm, NORM_KINDS)
+        check_choice("attn_gate", self.attn_gate, ATTN_GATE_KINDS)
+        check_choice("attn_sink", self.attn_sink, ATTN_SINK_KINDS)
+        check_choice("residual_sink", self.residual_sink, RESIDUAL_SINK_KINDS)
+        check_choice("norm", self.norm, NORM_KINDS)
         if self.residual_sink != "none" and self.norm not in ("rmsnorm", "zero_centered"):
             raise ValueError(f"residual_sink={self.residual_sink!r} needs norm rmsnorm or zero_centered, "
                              f"got norm={self.norm!r}")
@@ -177,12 +169,7 @@ class DiTConfig:
     @classmethod
     def from_name(cls, name: str, **overrides) -> DiTConfig:
         """A named preset (dit-tiny, dit-s, dit-b, dit-video-b) with fields overridden by keyword."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown DiT preset {name!r}; allowed: {list(PRESETS)}")
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown DiTConfig fields {unknown}")
-        return cls(**{**PRESETS[name], **overrides})
+        return from_preset(cls, PRESETS, "DiT", name, overrides)
 
 
 PRESETS: dict[str, dict] = {

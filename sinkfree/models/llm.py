@@ -25,10 +25,14 @@ from sinkfree.nn import (
 from sinkfree.nn import param_groups as _param_groups
 from sinkfree.nn.rope import rope_scaling_type
 
-
-def _choice(field: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{field}={value!r} is not one of {list(allowed)}")
+from ._config import (
+    check_choice,
+    check_optional_positive_ints,
+    check_positive_finite,
+    check_positive_ints,
+    from_preset,
+    none_to_off,
+)
 
 
 @dataclass
@@ -97,20 +101,12 @@ class LLMConfig:
 
     def __post_init__(self):
         # YAML `none`/null for the string switches and the clip both mean "off".
-        for name in ("attn_gate", "attn_sink", "residual_sink"):
-            if getattr(self, name) is None:
-                setattr(self, name, "none")
+        none_to_off(self, ("attn_gate", "attn_sink", "residual_sink"))
         for name in ("outlier_clip", "attn_logit_clip"):
             if isinstance(getattr(self, name), str) and getattr(self, name).lower() == "none":
                 setattr(self, name, None)
-        for name in ("vocab_size", "n_layer", "n_embd", "n_head", "block_size", "gatednorm_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        for name in ("n_kv_head", "head_dim", "intermediate_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise ValueError(f"{name}={value!r} must be a positive integer or None")
+        check_positive_ints(self, ("vocab_size", "n_layer", "n_embd", "n_head", "block_size", "gatednorm_rank"))
+        check_optional_positive_ints(self, ("n_kv_head", "head_dim", "intermediate_size"))
         if self.n_head % self.num_kv_heads:
             raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (GQA groups)")
         if self.head_dim is None and self.n_embd % self.n_head:
@@ -118,21 +114,18 @@ class LLMConfig:
                              f"explicitly or choose n_head dividing n_embd")
         if self.head_size % 2:
             raise ValueError(f"head_dim={self.head_size} must be even for RoPE")
-        for name in ("rms_norm_eps", "rope_theta", "init_std"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name}={value!r} must be a positive finite number")
+        check_positive_finite(self, ("rms_norm_eps", "rope_theta", "init_std"))
         if not math.isfinite(self.sink_init):
             raise ValueError(f"sink_init={self.sink_init!r} must be finite")
         for name in ("outlier_clip", "attn_logit_clip"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name}={value!r} must be none or a positive number")
-        _choice("attn_gate", self.attn_gate, ATTN_GATE_KINDS)
-        _choice("attn_sink", self.attn_sink, ATTN_SINK_KINDS)
-        _choice("residual_sink", self.residual_sink, RESIDUAL_SINK_KINDS)
-        _choice("norm", self.norm, NORM_KINDS)
-        _choice("attn_softmax", self.attn_softmax, SOFTMAX_KINDS)
+        check_choice("attn_gate", self.attn_gate, ATTN_GATE_KINDS)
+        check_choice("attn_sink", self.attn_sink, ATTN_SINK_KINDS)
+        check_choice("residual_sink", self.residual_sink, RESIDUAL_SINK_KINDS)
+        check_choice("norm", self.norm, NORM_KINDS)
+        check_choice("attn_softmax", self.attn_softmax, SOFTMAX_KINDS)
         if self.residual_sink != "none" and self.norm not in ("rmsnorm", "zero_centered"):
             raise ValueError(f"residual_sink={self.residual_sink!r} modifies an RMSNorm; it needs norm "
                              f"rmsnorm or zero_centered, got norm={self.norm!r}")
@@ -185,13 +178,7 @@ class LLMConfig:
     @classmethod
     def from_name(cls, name: str, **overrides) -> LLMConfig:
         """A named preset (tiny, 125m, 350m, 1b) with fields overridden by keyword."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown LLM preset {name!r}; allowed: {list(PRESETS)}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise ValueError(f"unknown LLMConfig fields {unknown}")
-        return cls(**{**PRESETS[name], **overrides})
+        return from_preset(cls, PRESETS, "LLM", name, overrides)
 
 
 PRESETS: dict[str, dict] = {
