@@ -31,17 +31,19 @@ def transposed_ptrs(base, cols, scol, offs_d):
 
 @triton.jit
 def query_program(H, GROUP, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """A query-major program (grid (Sq blocks, B * H)): (pid_bh, b, h, kv head, m0, offs_m, offs_n, offs_d)."""
+    """A query-major program (grid (Sq blocks, B * H)): (pid_bh, b, h, kv head, b * HKV + kv head, m0, offs_m,
+    offs_n, offs_d). What a kernel leaves unused is dropped at compile time."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
+    bhk = b * (H // GROUP) + hk
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    return pid_bh, b, h, hk, m0, offs_m, offs_n, offs_d
+    return pid_bh, b, h, hk, bhk, m0, offs_m, offs_n, offs_d
 
 
 @triton.jit
@@ -87,10 +89,15 @@ def visible(cols, rows, kend, off, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def causal_key_range(m0, off, Sk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For query rows m0 .. m0 + BLOCK_M - 1 (causal): (end of the key blocks every row sees whole, end of the
-    keys any row sees); the blocks in between straddle the diagonal and need the mask."""
-    return (tl.maximum(m0 + off + 1, 0) // BLOCK_N) * BLOCK_N, tl.minimum(m0 + BLOCK_M + off, Sk)
+def causal_full_end(m0, off, BLOCK_N: tl.constexpr):
+    """Causal, query rows from m0: the key blocks before this every row sees whole (no mask needed)."""
+    return (tl.maximum(m0 + off + 1, 0) // BLOCK_N) * BLOCK_N
+
+
+@triton.jit
+def causal_key_end(m0, off, Sk, BLOCK_M: tl.constexpr):
+    """Causal, query rows m0 .. m0 + BLOCK_M - 1: the end of the keys any of them sees."""
+    return tl.minimum(m0 + BLOCK_M + off, Sk)
 
 
 @triton.jit

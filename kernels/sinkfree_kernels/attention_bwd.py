@@ -7,7 +7,7 @@ usual flash backward is unchanged; the sink gradient is dsink_h = -sum_{b,i} exp
 import triton
 import triton.language as tl
 
-from ._common import (causal_key_range, causal_query_range, head_base, key_program, key_tile_end,
+from ._common import (causal_full_end, causal_key_end, causal_query_range, head_base, key_program, key_tile_end,
                       load_rows_f32, query_program, row_major_ptrs, row_program, store_dkdv, store_rows, tile_list,
                       transposed_ptrs, visible)
 from ._tuning import EVEN_HEURISTICS, make_configs, make_pruner
@@ -176,7 +176,7 @@ def _attn_bwd_dq(
     TILE_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    pid_bh, b, h, hk, m0, offs_m, offs_n, offs_d = query_program(H, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM)
+    pid_bh, b, h, hk, _, m0, offs_m, offs_n, offs_d = query_program(H, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM)
     q_ptrs = row_major_ptrs(head_base(Q, b, h, sqb, sqh), offs_m, sqm, offs_d)
     do_ptrs = row_major_ptrs(head_base(DO, b, h, sdob, sdoh), offs_m, sdom, offs_d)
     if EVEN_M:
@@ -209,8 +209,8 @@ def _attn_bwd_dq(
         hi = Sk
         full_end = Sk
         if CAUSAL:
-            full_end, hi = causal_key_range(m0, off, Sk, BLOCK_M, BLOCK_N)
-            full_end = tl.minimum(full_end, Sk)
+            full_end = tl.minimum(causal_full_end(m0, off, BLOCK_N), Sk)
+            hi = causal_key_end(m0, off, Sk, BLOCK_M)
         for start_n in range(0, full_end, BLOCK_N):
             dq = _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, Sk, Sk, off,
                            qk_scale, skn, svn, False, CAUSAL, not EVEN_N, PREC)
@@ -218,4 +218,5 @@ def _attn_bwd_dq(
             dq = _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, Sk, Sk, off,
                            qk_scale, skn, svn, True, CAUSAL, not EVEN_N, PREC)
 
-    store_rows(row_major_ptrs(head_base(DQ, b, h, sgb, sgh), offs_m, sgm, offs_d), dq * sm_scale, offs_m, Sq, EVEN_M)
+    dq = dq * sm_scale
+    store_rows(row_major_ptrs(head_base(DQ, b, h, sgb, sgh), offs_m, sgm, offs_d), dq, offs_m, Sq, EVEN_M)

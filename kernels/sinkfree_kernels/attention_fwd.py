@@ -9,7 +9,7 @@ LSE -inf.
 import triton
 import triton.language as tl
 
-from ._common import (causal_key_range, head_base, key_tile_end, query_program, row_major_ptrs, sink_start,
+from ._common import (causal_full_end, causal_key_end, head_base, key_tile_end, query_program, row_major_ptrs, sink_start,
                       softmax_step, store_out_lse, tile_list, transposed_ptrs, visible)
 from ._tuning import EVEN_HEURISTICS, make_configs, make_pruner
 
@@ -58,7 +58,7 @@ def _attn_fwd(
     HAS_KLEN: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    pid_bh, b, h, hk, m0, offs_m, offs_n, offs_d = query_program(H, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM)
+    pid_bh, b, h, hk, _, m0, offs_m, offs_n, offs_d = query_program(H, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM)
     q_ptrs = row_major_ptrs(head_base(Q, b, h, sqb, sqh), offs_m, sqm, offs_d)
     if EVEN_M:
         q = tl.load(q_ptrs)
@@ -86,7 +86,8 @@ def _attn_fwd(
                     off, qk_scale, (CAUSAL or HAS_KLEN) or (not EVEN_N), CAUSAL, not EVEN_N, PREC, skn, svn)
     else:
         if CAUSAL:
-            full_end, hi = causal_key_range(m0, off, Sk, BLOCK_M, BLOCK_N)
+            full_end = causal_full_end(m0, off, BLOCK_N)
+            hi = causal_key_end(m0, off, Sk, BLOCK_M)
         else:
             full_end = Sk
             hi = Sk

@@ -14,7 +14,7 @@
 import triton
 import triton.language as tl
 
-from ._common import (causal_key_range, causal_query_range, head_base, key_program, key_tile_end, query_program,
+from ._common import (causal_full_end, causal_key_end, causal_query_range, head_base, key_program, key_tile_end, query_program,
                       row_major_ptrs, store_dkdv, store_rows, tile_list, transposed_ptrs, visible)
 from ._tuning import EVEN_HEURISTICS, make_configs, make_pruner
 from .quant import quant_rows_int8, to_fp8
@@ -188,8 +188,7 @@ def _sage8_bwd_dq(
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr,
 ):
-    pid_bh, b, h, hk, m0, offs_m, offs_n, offs_d = query_program(H, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM)
-    bhk = b * (H // GROUP) + hk
+    pid_bh, b, h, hk, bhk, m0, offs_m, offs_n, offs_d = query_program(H, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM)
     q_ptrs = row_major_ptrs(head_base(Q8, b, h, sqb, sqh), offs_m, sqm, offs_d)
     do_ptrs = row_major_ptrs(head_base(DO, b, h, sdob, sdoh), offs_m, sdom, offs_d)
     row_ptrs = pid_bh.to(tl.int64) * Sq + offs_m
@@ -228,8 +227,8 @@ def _sage8_bwd_dq(
         hi = Sk
         full_end = Sk
         if CAUSAL:
-            full_end, hi = causal_key_range(m0, off, Sk, BLOCK_M, BLOCK_N)
-            full_end = tl.minimum(full_end, Sk)
+            full_end = tl.minimum(causal_full_end(m0, off, BLOCK_N), Sk)
+            hi = causal_key_end(m0, off, Sk, BLOCK_M)
         for start_n in range(0, full_end, BLOCK_N):
             dq = _s8_dq_block(dq, q8, row_s, do, lse2, delta, k_ptrs, kt_ptrs, ks_ptrs, v_ptrs, start_n, offs_m,
                               offs_n, Sk, Sk, off, skn, stn, svn, False, CAUSAL, not EVEN_N, PREC)
@@ -240,4 +239,5 @@ def _sage8_bwd_dq(
     if HAS_R:
         r = tl.load(R + row_ptrs, mask=inb, other=0.0)
         dq = dq + r[:, None] * tl.load(KMean + bhk * HEAD_DIM + offs_d)[None, :]
-    store_rows(row_major_ptrs(head_base(DQ, b, h, sgb, sgh), offs_m, sgm, offs_d), dq * sm_scale, offs_m, Sq, EVEN_M)
+    dq = dq * sm_scale
+    store_rows(row_major_ptrs(head_base(DQ, b, h, sgb, sgh), offs_m, sgm, offs_d), dq, offs_m, Sq, EVEN_M)

@@ -16,7 +16,7 @@ column of the online softmax, running max floored at -1e30); what differs:
 import triton
 import triton.language as tl
 
-from ._common import (causal_key_range, head_base, key_tile_end, query_program, row_major_ptrs, sink_start,
+from ._common import (causal_full_end, causal_key_end, head_base, key_tile_end, query_program, row_major_ptrs, sink_start,
                       softmax_step, store_out_lse, tile_list, transposed_ptrs, visible)
 from ._tuning import EVEN_HEURISTICS, make_configs, make_pruner
 from .quant import to_fp8
@@ -75,8 +75,7 @@ def _sage8_fwd(
     EXACT: tl.constexpr, V_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    pid_bh, b, h, hk, m0, offs_m, offs_n, offs_d = query_program(H, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM)
-    bhk = b * (H // GROUP) + hk
+    pid_bh, b, h, hk, bhk, m0, offs_m, offs_n, offs_d = query_program(H, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM)
     q_ptrs = row_major_ptrs(head_base(Q8, b, h, sqb, sqh), offs_m, sqm, offs_d)
     if EVEN_M:
         q8 = tl.load(q_ptrs)
@@ -117,7 +116,8 @@ def _sage8_fwd(
                     V_SPLIT, skn, svn)
     else:
         if CAUSAL:
-            full_end, hi = causal_key_range(m0, off, Sk, BLOCK_M, BLOCK_N)
+            full_end = causal_full_end(m0, off, BLOCK_N)
+            hi = causal_key_end(m0, off, Sk, BLOCK_M)
         else:
             full_end = Sk
             hi = Sk
