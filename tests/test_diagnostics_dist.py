@@ -32,7 +32,7 @@ def synthetic_probe(seed: int = 0) -> list[LayerProbe]:
 
 
 def part(probes, rows):
-    return [LayerProbe(**{k: (v[rows] if v is not None and k != "norm_weight" else v) for k, v in vars(p).items()})
+    return [LayerProbe(**{k: (v[rows] if torch.is_tensor(v) and k != "norm_weight" else v) for k, v in vars(p).items()})
             for p in probes]
 
 

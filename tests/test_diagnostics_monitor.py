@@ -122,7 +122,7 @@ def synthetic_run(run_dir):
     return path
 
 
-PLOTS = ("first_token_mass_heatmap", "sink_rate", "learned_sink_mass_heatmap", "resid_magnitude_last",
+PLOTS = ("first_token_mass_heatmap", "sink_rate", "learned_sink_mass_heatmap", "resid_magnitude_last", "token_norms",
          "resid_magnitude_steps", "resid_sink_stripes", "attention_maps", "gate_histograms")
 
 

@@ -138,6 +138,18 @@ class _DiffusionData(L.LightningDataModule):
         items = _PredictItems(self.predict_samples, self.num_classes, self.seed)
         return DataLoader(items, batch_size=self.predict_samples)
 
+    def probe_batch(self, num_sequences: int = 8, seq_len: Optional[int] = None) -> dict:
+        """The sink probe's fixed clean batch {"x": (N, C, T, H, W), "y": (N,)}: the first `num_sequences`
+        validation items (training items when there is no validation split), cycling when there are fewer;
+        deterministic. `seq_len` is ignored: the clips keep their training shape. The task noises them
+        (`RectifiedFlow.probe_inputs`)."""
+        items = self.val_set if len(self.val_set) else self.train_set
+        _check(num_sequences >= 1 and len(items) >= 1, f"probe_batch: num_sequences={num_sequences} must be "
+               f">= 1 and the data must hold an item")
+        picked = [items[i % len(items)] for i in range(num_sequences)]
+        return {"x": torch.stack([p["x"] for p in picked]),
+                "y": torch.tensor([int(p["y"]) for p in picked], dtype=torch.long)}
+
 
 class SyntheticVideoDataModule(_DiffusionData):
     """Procedurally generated, seeded clips (or images with frames=1) of one moving shape each: the label is

@@ -16,6 +16,7 @@ SINK_EPS = 0.3  # Gu et al.'s ε: insensitive to the sequence length
 MASSIVE_ABS = 100.0  # Sun et al.: |h| > 100 ...
 MASSIVE_REL = 1000.0  # ... and > 1000 × the median |h| of that hidden state
 SINK_DIM_THRESHOLD = 10.0  # a residual-sink dim has mean |h_d| >= 10 × the median dim
+HIGH_NORM_REL = 4.0  # a high-norm token has ‖h_i‖ > 4 × the median token norm of its layer [I]
 
 
 # ---- pure functions -------------------------------------------------------------------------------
@@ -57,6 +58,16 @@ def massive_mask(h_abs: Tensor, median: Tensor, abs_threshold: float = MASSIVE_A
     return (h_abs > abs_threshold) & (h_abs > rel_threshold * median)
 
 
+def token_norms(h: Tensor) -> Tensor:
+    """L2 norm over the residual width of every token: h (..., S, C) -> (..., S)."""
+    return h.float().norm(dim=-1)
+
+
+def high_norm_mask(norms: Tensor, median: Tensor, rel_threshold: float = HIGH_NORM_REL) -> Tensor:
+    """True where a token's norm exceeds rel_threshold × the median token norm (ViT "register" tokens)."""
+    return norms > rel_threshold * median
+
+
 def residual_sink_dims(dim_mean_abs: Tensor, threshold: float = SINK_DIM_THRESHOLD) -> tuple[Tensor, Tensor]:
     """Residual-sink score and dims of one layer: dim_mean_abs (C,) -> (max/median score, dims with
     mean |h_d| / median >= threshold, sorted by index)."""
@@ -88,7 +99,8 @@ class PerHeadMean(Metric):
 
 class SinkRate(PerHeadMean):
     """Gu et al.'s Sink^ε per (layer, head): share of sequences whose first-token mass α > ε.
-    The mean over heads and layers of compute() is the model's Sink^ε rate. update(α (L, B, H))."""
+    The mean over heads and layers of compute() is the model's Sink^ε rate. update(α (L, B, H)).
+    Fed the max-key mass instead, it is the share of heads above ε of a bidirectional model."""
 
     def __init__(self, num_layers: int, num_heads: int, eps: float = SINK_EPS, **kwargs):
         super().__init__(num_layers, num_heads, **kwargs)
@@ -152,20 +164,46 @@ class ResidualMagnitude(Metric):
                 "massive_dims": dims}
 
 
+class HighNormTokens(Metric):
+    """Token norms ‖h_i‖₂ of the residual stream after each block: per layer the median, max / median and
+    the count of high-norm tokens (‖h_i‖ > rel_threshold × median; Darcet et al.'s ViT "registers", the
+    bidirectional counterpart of a sink token). The median needs every norm, so the state is the gathered
+    norms. update(h (L, B, S, C)); compute() -> dict of (L,) tensors."""
+
+    full_state_update = False
+
+    def __init__(self, rel_threshold: float = HIGH_NORM_REL, **kwargs):
+        super().__init__(**kwargs)
+        self.rel_threshold = rel_threshold
+        self.add_state("norms", [], dist_reduce_fx="cat")  # (tokens, L) per update
+
+    def update(self, h: Tensor) -> None:
+        self.norms.append(token_norms(h.detach()).flatten(1).transpose(0, 1))
+
+    def compute(self) -> dict[str, Tensor]:
+        norms = dim_zero_cat(self.norms).transpose(0, 1)  # (L, tokens)
+        median = norms.median(dim=1).values
+        ratio = norms.amax(1) / median.clamp_min(torch.finfo(norms.dtype).tiny)
+        count = high_norm_mask(norms, median[:, None], self.rel_threshold).sum(1)
+        return {"median": median, "ratio": ratio, "count": count}
+
+
 class ResidualSinkDims(Metric):
     """Per-dim mean |h_d| of the residual stream over non-first tokens (the first token holds the
-    massive activations; a residual sink is a dim that dominates on every token). update(h (L, B, S, C));
+    massive activations; a residual sink is a dim that dominates on every token); `skip_first=False`
+    averages over every token (bidirectional models have no first token). update(h (L, B, S, C));
     compute() -> (L, C) per-dim mean |h|; `residual_sink_dims` turns a row into the score and dims."""
 
     full_state_update = False
 
-    def __init__(self, num_layers: int, width: int, **kwargs):
+    def __init__(self, num_layers: int, width: int, skip_first: bool = True, **kwargs):
         super().__init__(**kwargs)
+        self.skip_first = skip_first
         self.add_state("total", torch.zeros(num_layers, width, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, h: Tensor) -> None:
-        rest = h.detach()[:, :, 1:].float().abs()
+        rest = h.detach()[:, :, 1 if self.skip_first else 0:].float().abs()
         self.total += rest.double().sum((1, 2))
         self.count += rest.shape[1] * rest.shape[2]
 

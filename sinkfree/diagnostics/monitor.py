@@ -8,10 +8,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from lightning.pytorch import Callback
 
-from sinkfree.diagnostics.probe import PER_DIM_METRICS, SHORT_LEN, Row, SinkStats, probe_model
+from sinkfree.diagnostics.probe import (
+    PER_DIM_METRICS,
+    SHORT_LEN,
+    ProbeInputs,
+    Row,
+    SinkStats,
+    inputs_to,
+    num_sequences,
+    probe_model,
+    slice_inputs,
+)
 
 CSV_HEADER = ("step", "layer", "head", "metric", "value")
 
@@ -21,7 +30,7 @@ def scalar_name(row: Row) -> str | None:
     that are per head or per dim (those stay in the CSV only)."""
     if row.head != -1 or row.metric in PER_DIM_METRICS:
         return None
-    residual = row.metric.startswith(("resid_", "massive_", "norm_"))
+    residual = row.metric.startswith(("resid_", "massive_", "norm_", "high_norm_", "token_norm_"))
     name = ("resid/" + row.metric.removeprefix("resid_")) if residual else "sink/" + row.metric
     return name if row.layer == -1 else f"{name}/layer_{row.layer}"
 
@@ -59,6 +68,12 @@ class SinkMonitor(Callback):
 
     With several ranks each probes its share of the batch and torchmetrics reduces the results, so all
     ranks run the probe together; rank 0 writes. The model is `pl_module.model`.
+
+    Probe inputs: `datamodule.probe_batch(num_sequences, seq_len)` returns token ids (B, S) (LLMs) or a
+    dict batch; when the LightningModule has `probe_inputs(batch)`, that turns the batch into the model's
+    keyword inputs (RectifiedFlow: clean samples noised at a fixed t -> {"x", "t", "y"}). The model is
+    called as `model(ids)` or `model(**inputs)`. Bidirectional models (DiTs) report max-key metrics
+    instead of first-token ones (docs/diagnostics.md).
     """
 
     def __init__(self, every_n_steps: int = 500, num_sequences: int = 8, seq_len: int = 512,
@@ -67,8 +82,10 @@ class SinkMonitor(Callback):
         """Args:
         every_n_steps: optimizer steps between probes. 500 keeps the overhead under 1% on the GPU recipes
             (measured on an H200 at 125m: 0.28 s a probe against 80 ms steps, 0.7%); lower it on tiny runs.
-        num_sequences: probe sequences, cut from document starts by `datamodule.probe_batch` (BOS first).
-        seq_len: tokens per probe sequence.
+        num_sequences: probe sequences, cut from document starts by `datamodule.probe_batch` (BOS first);
+            for diffusion data modules the first validation clips.
+        seq_len: tokens per probe sequence (capped at the model's block_size); ignored by the diffusion data
+            modules, whose probe clips have the training shape.
         layers_for_maps: layers whose head-averaged attention maps are saved (negative counts from the
             end); None = four evenly spaced layers.
         output: the stats CSV; a relative path is under the trainer's log dir.
@@ -82,7 +99,7 @@ class SinkMonitor(Callback):
         self.every_n_steps, self.num_sequences, self.seq_len = every_n_steps, num_sequences, seq_len
         self.layers_for_maps, self.output, self.eps, self.short_len = layers_for_maps, output, eps, short_len
         self.path: Path | None = None
-        self._ids: torch.Tensor | None = None
+        self._ids: ProbeInputs | None = None
         self._last_step: int | None = None
         self.probe_seconds = 0.0  # total wall time spent probing on this rank
 
@@ -91,20 +108,26 @@ class SinkMonitor(Callback):
         root = trainer.log_dir or trainer.default_root_dir
         self.path = out if out.is_absolute() else Path(root) / out
 
-    def _probe_ids(self, trainer, device) -> torch.Tensor:
-        """This rank's share of the fixed probe batch (fetched once from the datamodule)."""
+    def _probe_ids(self, trainer, device) -> ProbeInputs:
+        """This rank's share of the fixed probe batch (fetched once from the datamodule): ids, or the
+        model's keyword inputs from `pl_module.probe_inputs(batch)` when the task defines it."""
         if self._ids is None:
             dm = trainer.datamodule
             if dm is None or not hasattr(dm, "probe_batch"):
                 raise ValueError("SinkMonitor needs a datamodule with probe_batch(num_sequences, seq_len) "
-                                 "(sinkfree.data.TextDataModule has one)")
+                                 "(sinkfree.data.TextDataModule, SyntheticVideoDataModule and "
+                                 "FolderDataModule have one)")
+            task = trainer.lightning_module
             # A probe longer than the model's context cannot run; cap it (tiny models have short contexts).
-            limit = getattr(getattr(trainer.lightning_module.model, "config", None), "block_size", self.seq_len)
-            ids = dm.probe_batch(self.num_sequences, min(self.seq_len, limit))
-            rank, world = trainer.global_rank, trainer.world_size
+            limit = getattr(getattr(task.model, "config", None), "block_size", self.seq_len)
+            batch = dm.probe_batch(self.num_sequences, min(self.seq_len, limit))
+            if hasattr(task, "probe_inputs"):  # e.g. noise clean samples at a fixed flow time
+                batch = task.probe_inputs(batch)
+            rank, world, n = trainer.global_rank, trainer.world_size, num_sequences(batch)
             # Fewer sequences than ranks: the extra ranks repeat one (all ranks must run the forward).
-            self._ids = ids[rank::world] if len(ids) >= world else ids[rank % len(ids):][:1]
-        return self._ids.to(device)
+            index = slice(rank, None, world) if n >= world else slice(rank % n, rank % n + 1)
+            self._ids = slice_inputs(batch, index)
+        return inputs_to(self._ids, device)
 
     def probe(self, trainer, pl_module) -> None:
         """Run one probe now and record it at the current global step (all ranks must call it)."""

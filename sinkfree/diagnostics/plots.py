@@ -13,7 +13,10 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from sinkfree.diagnostics.metrics import HIGH_NORM_REL
+
 MASS_LABEL = "attention on the first token (fraction)"
+MAX_KEY_LABEL = "largest mean attention on one key (fraction)"
 
 
 def _figure(figsize, ncols: int = 1, **kw):
@@ -83,25 +86,55 @@ def layer_step_heatmap(stats, metric: str, out: Path, title: str, label: str) ->
     return _save(fig, out, f"{metric}_heatmap", ["layer"] + [f"step_{s}" for s in steps], rows)
 
 
-def sink_rate_plot(stats, out: Path) -> list[Path]:
-    """Model-level Sink^0.3 rate (share of heads whose first-token mass > 0.3) against the step."""
+SINK_RATE_LINES = (("sink_rate", "at the probe length"), ("sink_rate_64", "at 64 tokens (Gu et al.)"),
+                   ("first_token_mass", "mean first-token mass"))
+MAX_KEY_RATE_LINES = (("max_key_rate", "share of heads with max-key mass > 0.3"),
+                      ("max_key_mass", "mean max-key mass"))
+
+
+def sink_rate_plot(stats, out: Path, lines=SINK_RATE_LINES, name: str = "sink_rate",
+                   title: str = "Attention-sink rate Sink$^{0.3}$ over training") -> list[Path]:
+    """Model-level Sink^0.3 rate (share of heads whose first-token mass > 0.3) against the step; with
+    MAX_KEY_RATE_LINES the bidirectional counterpart (share of heads whose max-key mass > 0.3)."""
     fig, ax = _figure((6, 3.8))
     columns, steps = {}, set()
-    for metric, label in (("sink_rate", "at the probe length"), ("sink_rate_64", "at 64 tokens (Gu et al.)"),
-                          ("first_token_mass", "mean first-token mass")):
+    for metric, label in lines:
         values = stats.get(metric, {}).get((-1, -1))
         if values:
             xs = sorted(values)
             ax.plot(xs, [values[x] for x in xs], marker="o", ms=3, label=label,
-                    ls="--" if metric == "first_token_mass" else "-")
+                    ls="--" if metric.endswith("_mass") else "-")
             columns[metric], steps = values, steps | set(xs)
     ax.set(xlabel="training step (optimizer steps)", ylabel="share of heads; mass as a fraction (0–1)",
-           ylim=(-0.03, 1.03),
-           title="Attention-sink rate Sink$^{0.3}$ over training")
+           ylim=(-0.03, 1.03), title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     rows = [[s] + [columns[m].get(s, "") for m in columns] for s in sorted(steps)]
-    return _save(fig, out, "sink_rate", ["step"] + list(columns), rows)
+    return _save(fig, out, name, ["step"] + list(columns), rows)
+
+
+def token_norms_plot(stats, out: Path, threshold: float = HIGH_NORM_REL) -> list[Path]:
+    """Per layer against the step: max / median token norm ‖h_i‖ and the count of high-norm tokens."""
+    layers, steps = _layers(stats["token_norm_ratio"]), _steps(stats["token_norm_ratio"])
+    fig, axes = _figure((11, 3.8), 2, sharex=True)
+    cmap = colormaps["viridis"]
+    rows = []
+    for ax, metric in zip(axes, ("token_norm_ratio", "high_norm_tokens")):
+        for l in layers:
+            values = stats.get(metric, {}).get((l, -1), {})
+            ax.plot(steps, [values.get(s, np.nan) for s in steps], color=cmap(l / max(1, len(layers) - 1)),
+                    marker="o" if len(steps) < 3 else None, ms=3)
+            rows += [[metric, l, s, values[s]] for s in steps if s in values]
+        ax.grid(alpha=0.3)
+        ax.set(xlabel="training step (optimizer steps)")
+    axes[0].axhline(threshold, color="grey", ls=":", lw=1, label=f"{threshold:g}× median (high-norm threshold)")
+    axes[0].legend(fontsize=8)
+    axes[0].set(ylabel="max / median token norm ‖h‖", title="Largest token norm over the median")
+    axes[1].set(ylabel="tokens (all probe sequences)", title=f"High-norm tokens (‖h‖ > {threshold:g}× median)")
+    sm = ScalarMappable(cmap=cmap, norm=Normalize(layers[0], layers[-1]))
+    fig.colorbar(sm, ax=axes, label="layer", pad=0.01, ticks=MaxNLocator(integer=True))
+    fig.suptitle("Residual token norms over training, one line per layer")
+    return _save(fig, out, "token_norms", ["metric", "layer", "step", "value"], rows)
 
 
 MAG = (("resid_max", "top-1 |h|"), ("resid_top2", "top-2 |h|"), ("resid_top3", "top-3 |h|"),
@@ -152,8 +185,10 @@ def residual_steps_plot(stats, out: Path) -> list[Path]:
 
 
 def residual_stripes_plot(arrays, out: Path) -> list[Path]:
-    """Layers × dims heat map of the per-dim mean |h| over non-first tokens: residual sinks are stripes."""
+    """Layers × dims heat map of the per-dim mean |h| over non-first tokens (all tokens for bidirectional
+    models): residual sinks are stripes."""
     grid = arrays["resid_dim_mean_abs"]  # (L, C)
+    tokens = "non-first tokens" if bool(arrays.get("causal", True)) else "all tokens"
     fig, ax = _figure((10, max(3.0, 0.3 * grid.shape[0] + 1.5)))
     positive = grid[grid > 0]
     norm = LogNorm(vmin=max(positive.min(), positive.max() * 1e-4), vmax=positive.max()) if positive.size else None
@@ -161,15 +196,17 @@ def residual_stripes_plot(arrays, out: Path) -> list[Path]:
                    interpolation="nearest")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="residual dimension", ylabel="layer",
-           title=f"Residual-sink stripes: mean |h| per dimension (non-first tokens), step {int(arrays['step'])}")
+           title=f"Residual-sink stripes: mean |h| per dimension ({tokens}), step {int(arrays['step'])}")
     fig.colorbar(im, ax=ax, label="mean |h| (log)")
     rows = [[l] + row for l, row in enumerate(grid.tolist())]
     return _save(fig, out, "resid_sink_stripes", ["layer"] + [f"dim_{d}" for d in range(grid.shape[1])], rows)
 
 
 def attention_maps_plot(arrays, out: Path) -> list[Path]:
-    """Head-averaged attention maps (query × key) at the saved layers, log colour scale."""
+    """Head-averaged attention maps (query × key) at the saved layers, log colour scale. Causal models: the
+    title gives the first-token mass; bidirectional ones the largest column mean (max-key mass of the map)."""
     maps, layers = arrays["attn_maps"], arrays["attn_map_layers"]
+    causal = bool(arrays.get("causal", True))
     n = len(layers)
     fig, axes = _figure((3.6 * n + 1, 3.8), n, squeeze=False)
     norm = LogNorm(vmin=1e-4, vmax=1.0)
@@ -177,8 +214,9 @@ def attention_maps_plot(arrays, out: Path) -> list[Path]:
     for ax, m, layer in zip(axes[0], maps, layers):
         im = ax.imshow(np.where(m > 0, np.clip(m, 1e-4, None), np.nan), norm=norm, cmap=cmap,
                        interpolation="nearest")
-        ax.set(title=f"layer {int(layer)}\nfirst-token mass {m[:, 0].mean():.2f}", xlabel="key position")
-    axes[0, 0].set_ylabel("query position")
+        mass = f"first-token mass {m[:, 0].mean():.2f}" if causal else f"max-key mass {m.mean(0).max():.3f}"
+        ax.set(title=f"layer {int(layer)}\n{mass}", xlabel="key position" if causal else "key token")
+    axes[0, 0].set_ylabel("query position" if causal else "query token")
     fig.colorbar(im, ax=axes[0].tolist(), label="attention probability (log)", pad=0.01)
     fig.suptitle(f"Head-averaged attention maps, step {int(arrays['step'])}")
     s = maps.shape[-1]
@@ -216,12 +254,18 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
         files += layer_step_heatmap(stats, "first_token_mass", out, "First-token attention mass per layer",
                                     MASS_LABEL)
         files += sink_rate_plot(stats, out)
+    elif "max_key_mass" in stats:  # bidirectional (DiT): no first token
+        files += layer_step_heatmap(stats, "max_key_mass", out, "Max-key attention mass per layer", MAX_KEY_LABEL)
+        files += sink_rate_plot(stats, out, MAX_KEY_RATE_LINES, "max_key_rate",
+                                "Share of heads with max-key mass > 0.3 over training")
     if "learned_sink_mass" in stats:
         files += layer_step_heatmap(stats, "learned_sink_mass", out, "Learned-sink attention mass per layer",
                                     "attention on the learned sink (fraction)")
     if "resid_max" in stats:
         files += residual_last_plot(stats, out)
         files += residual_steps_plot(stats, out)
+    if "token_norm_ratio" in stats:
+        files += token_norms_plot(stats, out)
     npz = stats_path.parent / "last_probe.npz"
     if npz.is_file():
         with np.load(npz) as arrays:

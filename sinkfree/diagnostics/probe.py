@@ -4,14 +4,22 @@
 hook) and reduces each layer's attention on the fly, so at most one layer's probabilities
 (B, H, S, S) are alive at a time. `SinkStats` holds the torchmetrics that reduce across ranks;
 `compute_stats` is the one-process shortcut.
+
+Probe inputs are token ids (B, S) for an LLM (`model(ids)`) or a dict of model keyword inputs for other
+models (a DiT: `model(**{"x": ..., "t": ..., "y": ...})`), batch first. A model whose attention modules
+are all non-causal (`attn.spec.causal` False) is bidirectional: it has no first token, so the first-token
+metrics (first-token mass, Sink^ε, value-norm ratio) are left out and the max-key mass, the share of
+heads whose max-key mass exceeds ε and the high-norm tokens stand in for them.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sinkfree.diagnostics.metrics import (
@@ -19,6 +27,7 @@ from sinkfree.diagnostics.metrics import (
     SINK_EPS,
     AttentionMaps,
     GateStats,
+    HighNormTokens,
     PerHeadMean,
     ResidualMagnitude,
     ResidualSinkDims,
@@ -31,8 +40,53 @@ from sinkfree.diagnostics.metrics import (
 )
 
 SHORT_LEN = 64  # Gu et al. measure Sink^ε on 64-token sequences
+MAP_MAX = 1024  # saved attention maps longer than this are average-pooled to MAP_MAX × MAP_MAX (video DiTs)
 # Metrics whose `head` column holds a residual dimension instead of a head.
 PER_DIM_METRICS = ("massive_dim", "resid_sink_dim", "resid_sink_dim_weight", "resid_sink_dim_prescale")
+
+
+ProbeInputs = Union[Tensor, Mapping[str, Tensor]]
+"""Token ids (B, S), or a dict of the model's keyword inputs whose tensors are batch first."""
+
+
+def call_model(model: nn.Module, inputs: ProbeInputs):
+    """`model(**inputs)` for a dict of keyword inputs, else `model(inputs)`."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def slice_inputs(inputs: ProbeInputs, index) -> ProbeInputs:
+    """The sequences `index` (a slice or indices) of probe inputs: every tensor of a dict along dim 0."""
+    if isinstance(inputs, Mapping):
+        return {k: v[index] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in inputs.items()}
+    return inputs[index]
+
+
+def inputs_to(inputs: ProbeInputs, device) -> ProbeInputs:
+    """Probe inputs on `device`."""
+    if isinstance(inputs, Mapping):
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    return inputs.to(device)
+
+
+def num_sequences(inputs: ProbeInputs) -> int:
+    """The batch size of probe inputs (the first tensor's for a dict)."""
+    if isinstance(inputs, Mapping):
+        return next(len(v) for v in inputs.values() if torch.is_tensor(v) and v.dim() > 0)
+    return len(inputs)
+
+
+def _device(inputs: ProbeInputs) -> torch.device:
+    if isinstance(inputs, Mapping):
+        return next(v.device for v in inputs.values() if torch.is_tensor(v))
+    return inputs.device
+
+
+def is_causal(model: nn.Module) -> bool:
+    """False when every attention module of `model.layers` declares a non-causal spec (bidirectional DiTs);
+    True otherwise, also for modules without a spec."""
+    attns = [_capturing(block) for block in model.layers]
+    specs = [getattr(a, "spec", None) for a in attns if a is not None]
+    return not specs or any(getattr(spec, "causal", True) for spec in specs)
 
 
 class Row(NamedTuple):
@@ -58,6 +112,7 @@ class LayerProbe:
     resid: Tensor  # (B, S, C) fp32 residual stream after the block
     norm_weight: Tensor | None  # (C,) post-norm weight of the norm that reads this residual
     norm_pre_scale: Tensor | None = None  # (C,) that norm's PreAffine λ (residual_sink: preaffine)
+    causal: bool = True  # False for a bidirectional model: first_token and value_ratio are then None
 
 
 def _capturing(module: nn.Module) -> nn.Module | None:
@@ -81,18 +136,27 @@ def _next_norms(model: nn.Module) -> list[nn.Module | None]:
     return nxt + [getattr(model, "norm", None)]
 
 
-def _reduce_capture(cap: dict, with_map: bool) -> dict:
+def _pooled_map(probs: Tensor, limit: int = MAP_MAX) -> Tensor:
+    """Head-averaged map (B, Sq, Sk); longer than `limit`, average-pooled to at most limit × limit cells."""
+    m = probs.mean(1)
+    if max(m.shape[-2:]) <= limit:
+        return m
+    return F.adaptive_avg_pool2d(m, (min(limit, m.shape[-2]), min(limit, m.shape[-1])))
+
+
+def _reduce_capture(cap: dict, with_map: bool, causal: bool = True) -> dict:
     probs = cap.get("probs")
     out = dict.fromkeys(("first_token", "max_key", "sink_mass", "value_ratio", "gate", "attn_map"))
     if probs is not None:
         probs = probs.float()
-        out["first_token"] = first_token_mass(probs)
+        if causal:  # a bidirectional model has no first token
+            out["first_token"] = first_token_mass(probs)
         out["max_key"] = max_key_mass(probs)
         if with_map:
-            out["attn_map"] = probs.mean(1)
+            out["attn_map"] = _pooled_map(probs)
     if cap.get("sink_mass") is not None:
         out["sink_mass"] = learned_sink_mass(cap["sink_mass"])
-    if cap.get("v") is not None:
+    if cap.get("v") is not None and causal:
         out["value_ratio"] = value_norm_ratio(cap["v"])
     if cap.get("gate") is not None:
         out["gate"] = cap["gate"].detach().float()
@@ -100,11 +164,13 @@ def _reduce_capture(cap: dict, with_map: bool) -> dict:
 
 
 @torch.no_grad()
-def collect(model: nn.Module, input_ids: Tensor, map_layers: Sequence[int] = ()) -> list[LayerProbe]:
-    """Run `model` on `input_ids` (B, S) in eval mode, no grad, fp32 probe attention; one LayerProbe per
-    block of `model.layers`. `map_layers` also keep the head-averaged attention map. The model's train
+def collect(model: nn.Module, input_ids: ProbeInputs, map_layers: Sequence[int] = ()) -> list[LayerProbe]:
+    """Run `model` on `input_ids` (B, S) — or on a dict of keyword inputs, `model(**inputs)` — in eval mode,
+    no grad, fp32 probe attention; one LayerProbe per block of `model.layers`. `map_layers` also keep the
+    head-averaged attention map (average-pooled to MAP_MAX × MAP_MAX when longer). The model's train
     modes, the attention `capture`s and the hooks are restored afterwards, even on error."""
     layers = list(model.layers)
+    causal = is_causal(model)
     attns = [_capturing(block) for block in layers]
     norms = _next_norms(model)
     map_layers = {i % len(layers) for i in map_layers}
@@ -115,10 +181,10 @@ def collect(model: nn.Module, input_ids: Tensor, map_layers: Sequence[int] = ())
         def fn(_module, _inputs, output):
             h = output[0] if isinstance(output, (tuple, list)) else output
             cap = attns[i].capture if attns[i] is not None else None
-            red = _reduce_capture(cap or {}, i in map_layers)
+            red = _reduce_capture(cap or {}, i in map_layers, causal)
             pre = getattr(norms[i], "pre_scale", None)
             probes[i] = LayerProbe(**red, resid=h.detach().float(), norm_weight=_norm_weight(norms[i]),
-                                   norm_pre_scale=None if pre is None else pre.detach().float())
+                                   norm_pre_scale=None if pre is None else pre.detach().float(), causal=causal)
             if attns[i] is not None:
                 attns[i].capture = {}  # free this layer's probabilities before the next block runs
         return fn
@@ -130,11 +196,11 @@ def collect(model: nn.Module, input_ids: Tensor, map_layers: Sequence[int] = ())
             if a is not None:
                 a.capture = {}
         handles = [block.register_forward_hook(hook(i)) for i, block in enumerate(layers)]
-        with torch.autocast(input_ids.device.type, enabled=False):
+        with torch.autocast(_device(input_ids).type, enabled=False):
             # A model compiled in place (`model.compile()`) runs eagerly here: the probe's hooks and
             # capture path would otherwise trigger a recompile at every probe.
             eager = getattr(model, "_compiled_call_impl", None) is not None
-            (model._call_impl if eager else model)(input_ids)
+            call_model(model._call_impl if eager else model, input_ids)
     finally:
         for h in handles:
             h.remove()
@@ -161,26 +227,31 @@ class SinkStats(nn.Module):
         p0 = probe[0]
         n_layer, width = len(probe), p0.resid.shape[-1]
         self.n_layer = n_layer
-        heads = p0.first_token.shape[1] if p0.first_token is not None else 0
+        self.causal = p0.causal
+        heads = p0.max_key.shape[1] if p0.max_key is not None else 0
         self.map_layers = sorted({i % n_layer for i in map_layers})
         self.sink_dim_threshold = sink_dim_threshold
         self.norm_weight = _stack(probe, "norm_weight")  # the same on every rank: not a metric state
         self.pre_scale = _stack(probe, "norm_pre_scale")
-        m: dict[str, nn.Module] = {"resid": ResidualMagnitude(), "sink_dims": ResidualSinkDims(n_layer, width)}
+        m: dict[str, nn.Module] = {"resid": ResidualMagnitude(), "tokens": HighNormTokens(),
+                                   "sink_dims": ResidualSinkDims(n_layer, width, skip_first=self.causal)}
         if heads:
-            for name in ("first_token_mass", "max_key_mass"):
-                m[name] = PerHeadMean(n_layer, heads)
-            m["sink_rate"] = SinkRate(n_layer, heads, eps)
-            m["sink_rate_64"] = SinkRate(n_layer, heads, eps)
+            m["max_key_mass"] = PerHeadMean(n_layer, heads)
+            if self.causal:
+                m["first_token_mass"] = PerHeadMean(n_layer, heads)
+                m["sink_rate"] = SinkRate(n_layer, heads, eps)
+                m["sink_rate_64"] = SinkRate(n_layer, heads, eps)
+            else:  # no first token: the share of heads whose max-key mass exceeds ε
+                m["max_key_rate"] = SinkRate(n_layer, heads, eps)
         if p0.sink_mass is not None:
             m["learned_sink_mass"] = PerHeadMean(n_layer, heads)
         if p0.value_ratio is not None:
             m["value_norm_ratio"] = PerHeadMean(n_layer, p0.value_ratio.shape[1])
         if p0.gate is not None:
             m["gate"] = GateStats(n_layer, p0.gate.shape[2], bins=gate_bins)
-        if self.map_layers and p0.first_token is not None:
-            s = p0.resid.shape[1]
-            m["attn_maps"] = AttentionMaps(len(self.map_layers), s, s)
+        first_map = probe[self.map_layers[0]].attn_map if self.map_layers else None
+        if first_map is not None:
+            m["attn_maps"] = AttentionMaps(len(self.map_layers), *first_map.shape[-2:])
         self.metrics = nn.ModuleDict(m)
 
     def update(self, probe: Sequence[LayerProbe], probe_short: Sequence[LayerProbe] | None = None) -> None:
@@ -188,10 +259,12 @@ class SinkStats(nn.Module):
         m = self.metrics
         resid = _stack(probe, "resid")
         m["resid"].update(resid)
+        m["tokens"].update(resid)
         m["sink_dims"].update(resid)
         del resid
         for name, field in (("first_token_mass", "first_token"), ("max_key_mass", "max_key"),
-                            ("sink_rate", "first_token"), ("learned_sink_mass", "sink_mass"),
+                            ("sink_rate", "first_token"), ("max_key_rate", "max_key"),
+                            ("learned_sink_mass", "sink_mass"),
                             ("value_norm_ratio", "value_ratio"), ("gate", "gate")):
             if name in m:
                 m[name].update(_stack(probe, field))
@@ -208,6 +281,8 @@ class SinkStats(nn.Module):
             if name == "resid":
                 value.update(top=value["top"].reshape(n, -1), median=value["median"].reshape(n),
                              massive_count=value["massive_count"].reshape(n))
+            elif name == "tokens":
+                value.update({k: v.reshape(n) for k, v in value.items()})
             elif name == "gate":
                 value.update(mean=value["mean"].reshape(n, -1), below=value["below"].reshape(n, -1))
             elif name != "attn_maps":
@@ -233,8 +308,8 @@ class SinkStats(nn.Module):
                 add(layer, -1, metric, sum(heads) / len(heads))
             add(-1, -1, metric, table.mean())
 
-        for name in ("first_token_mass", "sink_rate", "sink_rate_64", "max_key_mass", "learned_sink_mass",
-                     "value_norm_ratio"):
+        for name in ("first_token_mass", "sink_rate", "sink_rate_64", "max_key_mass", "max_key_rate",
+                     "learned_sink_mass", "value_norm_ratio"):
             if name in results:
                 per_head(name, results[name])
         if "gate" in results:
@@ -252,6 +327,13 @@ class SinkStats(nn.Module):
         add(-1, -1, "resid_max", r["top"][:, 0].max())
         add(-1, -1, "resid_mact", r["top"][:, 0].mean())  # M-Act: per-layer max |h|, mean over layers
         add(-1, -1, "massive_count", r["massive_count"].sum())
+
+        tok = results["tokens"]
+        for layer in range(self.n_layer):
+            add(layer, -1, "high_norm_tokens", tok["count"][layer])
+            add(layer, -1, "token_norm_ratio", tok["ratio"][layer])
+        add(-1, -1, "high_norm_tokens", tok["count"].sum())
+        add(-1, -1, "token_norm_ratio", tok["ratio"].max())
 
         dim_mean = results["sink_dims"]
         scores = []
@@ -277,7 +359,7 @@ class SinkStats(nn.Module):
 
     def arrays(self, results: dict, step: int) -> dict:
         """The non-scalar results as numpy arrays for `plots` (attention maps, gate histograms, dim means)."""
-        out = {"step": step, "resid_dim_mean_abs": results["sink_dims"].cpu().numpy()}
+        out = {"step": step, "causal": np.array(self.causal), "resid_dim_mean_abs": results["sink_dims"].cpu().numpy()}
         if "attn_maps" in results:
             out["attn_maps"] = results["attn_maps"].cpu().numpy()
             out["attn_map_layers"] = results["map_layers"].numpy()
@@ -287,11 +369,13 @@ class SinkStats(nn.Module):
         return out
 
 
-def probe_model(model: nn.Module, input_ids: Tensor, map_layers: Sequence[int] = (),
+def probe_model(model: nn.Module, input_ids: ProbeInputs, map_layers: Sequence[int] = (),
                 short_len: int = SHORT_LEN) -> tuple[list[LayerProbe], list[LayerProbe]]:
-    """`collect` at the probe length and on the first `short_len` tokens (rerun: exact for causal models)."""
+    """`collect` at the probe length and on the first `short_len` tokens (rerun: exact for causal models).
+    Bidirectional models and dict inputs have no meaningful prefix: the second probe is the first."""
     probe = collect(model, input_ids, map_layers)
-    short = collect(model, input_ids[:, :short_len]) if input_ids.shape[1] > short_len else probe
+    prefix = torch.is_tensor(input_ids) and probe[0].causal and input_ids.shape[1] > short_len
+    short = collect(model, input_ids[:, :short_len]) if prefix else probe
     return probe, short
 
 

@@ -19,6 +19,10 @@ from sinkfree.models.dit import DiT, DiTConfig
 from sinkfree.tasks.lm import warmup_cosine
 
 
+PROBE_T = 0.5  # flow time of the sink probe's noisy inputs (mid-way between data and noise)
+PROBE_SEED = 4321  # seed of the sink probe's noise
+
+
 class RectifiedFlow(L.LightningModule):
     """Rectified flow: x_t = (1 − t)·x0 + t·ε, the DiT predicts the velocity ε − x0 (MSE), t ~ logit-normal.
     Validation uses fixed seeded (clean sample, noise, t) triples; `predict` runs an Euler sampler from t = 1
@@ -154,6 +158,18 @@ class RectifiedFlow(L.LightningModule):
             labels = torch.arange(n, device=self.device) % self.arch.num_classes
         x = self.sample(n, shape, labels, torch.Generator().manual_seed(self.hparams.val_seed))
         write_samples(x, self._sample_dir() / f"step_{self.global_step:07d}", self.hparams.fps)
+
+    @torch.no_grad()
+    def probe_inputs(self, batch: dict, t: float = PROBE_T) -> dict:
+        """SinkMonitor's model inputs from a clean probe batch {"x", "y"}: x_t = (1 − t)·x0 + t·ε with seeded
+        noise (the same at every probe), the fixed time t, and the labels of a class-conditional model."""
+        x0 = batch["x"]
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(PROBE_SEED)).to(x0.device, x0.dtype)
+        inputs = {"x": (1 - t) * x0 + t * noise, "t": torch.full((x0.shape[0],), float(t), device=x0.device)}
+        y = self._labels(batch) if self.model is not None else None
+        if y is not None:
+            inputs["y"] = y
+        return inputs
 
     def configure_optimizers(self) -> dict:
         groups = [g for g in self.model.param_groups(self.hparams.weight_decay) if g["params"]]
