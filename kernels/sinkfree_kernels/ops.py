@@ -263,20 +263,26 @@ def _(dout, dlse, q, k, v, out, lse, q2k_idx, q2k_cnt, kv_tile_len, sink, causal
     return _fake_grads(q, k, v, sink)
 
 
-def _bs_setup(ctx, inputs, output):
-    q, k, v, idx, cnt, klen, sink, causal, scale, tile_q, tile_k, deterministic = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, idx, cnt, klen, sink)
-    ctx.args = (causal, scale, tile_q, tile_k, deterministic)
+def _register_tile_list_autograd(fwd_op, bwd_op):
+    """Autograd for a tile-list op fwd_op(q, k, v, idx, cnt, klen, sink, causal, scale, tile_q, tile_k, flag,
+    ...) -> (out, lse) whose backward is bwd_op(dout, dlse, q, k, v, out, lse, idx, cnt, klen, sink, causal,
+    scale, tile_q, tile_k, flag) -> (dq, dk, dv, dsink)."""
+    def setup(ctx, inputs, output):
+        q, k, v, idx, cnt, klen, sink = inputs[:7]
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, idx, cnt, klen, sink)
+        ctx.args = tuple(inputs[7:12])
+        ctx.n_inputs = len(inputs)
+
+    def grad(ctx, dout, dlse):
+        q, k, v, out, lse, idx, cnt, klen, sink = ctx.saved_tensors
+        dq, dk, dv, dsink = bwd_op(dout, dlse, q, k, v, out, lse, idx, cnt, klen, sink, *ctx.args)
+        return (dq, dk, dv, None, None, None, (dsink if sink is not None else None)) + (None,) * (ctx.n_inputs - 7)
+
+    fwd_op.register_autograd(grad, setup_context=setup)
 
 
-def _bs_grad(ctx, dout, dlse):
-    q, k, v, out, lse, idx, cnt, klen, sink = ctx.saved_tensors
-    dq, dk, dv, dsink = block_sparse_attn_bwd(dout, dlse, q, k, v, out, lse, idx, cnt, klen, sink, *ctx.args)
-    return dq, dk, dv, None, None, None, (dsink if sink is not None else None), None, None, None, None, None
-
-
-block_sparse_attn_fwd.register_autograd(_bs_grad, setup_context=_bs_setup)
+_register_tile_list_autograd(block_sparse_attn_fwd, block_sparse_attn_bwd)
 
 
 # ---- public API -------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import triton
 from ._tuning import seq_bucket
 from .attention_fwd import LOG2E
 from .ops import (_bwd_delta, _bwd_list_args, _check_inputs, _fake_fwd, _fake_grads, _grid, _lastdim_contig,
-                  _list_args, _prec, _softmax_scale, _tile_args)
+                  _list_args, _prec, _register_tile_list_autograd, _softmax_scale, _tile_args)
 from .quant import EXACT_FP8, FP8_MAX, QUANT_BLOCK, _quant_channels_fp8, _quant_tokens_int8
 from .sage8_bwd import _sage8_bwd_dkdv, _sage8_bwd_dq
 from .sage8_fwd import _sage8_fwd
@@ -219,20 +219,7 @@ def _(dout, dlse, q, k, v, out, lse, q2k_idx, q2k_cnt, kv_tile_len, sink, causal
     return _fake_grads(q, k, v, sink)
 
 
-def _setup(ctx, inputs, output):
-    q, k, v, idx, cnt, klen, sink, causal, scale, tile_q, tile_k, smooth_k, v_split = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, idx, cnt, klen, sink)
-    ctx.args = (causal, scale, tile_q, tile_k, smooth_k)
-
-
-def _grad(ctx, dout, dlse):
-    q, k, v, out, lse, idx, cnt, klen, sink = ctx.saved_tensors
-    dq, dk, dv, dsink = sage8_bwd(dout, dlse, q, k, v, out, lse, idx, cnt, klen, sink, *ctx.args)
-    return dq, dk, dv, None, None, None, (dsink if sink is not None else None), None, None, None, None, None, None
-
-
-sage8_fwd.register_autograd(_grad, setup_context=_setup)
+_register_tile_list_autograd(sage8_fwd, sage8_bwd)  # the backward flag is smooth_k; v_split is forward-only
 
 
 # ---- public API --------------------------------------------------------------------------------------------
