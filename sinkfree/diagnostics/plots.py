@@ -70,18 +70,28 @@ def _steps(series: dict) -> list[int]:
     return sorted({s for values in series.values() for s in values})
 
 
-def layer_step_heatmap(stats, metric: str, out: Path, title: str, label: str) -> list[Path]:
-    """Layer × step heat map of a per-layer metric in [0, 1]."""
+def layer_step_heatmap(stats, metric: str, out: Path, title: str, label: str, log: bool = False) -> list[Path]:
+    """Layer × step heat map of a per-layer metric in [0, 1]; `log` colours on a log scale from
+    min(1e-3, the smallest value) to 1 (max-key mass: uniform attention over S keys gives 1/S, not 0).
+    Small grids print each cell's value."""
     series = stats[metric]
     layers, steps = _layers(series), _steps(series)
     grid = np.array([[series[(l, -1)].get(s, np.nan) for s in steps] for l in layers])
     fig, ax = _figure((max(5.0, 0.35 * len(steps) + 3), max(3.0, 0.3 * len(layers) + 1.5)))
-    im = ax.imshow(grid, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="magma", interpolation="nearest")
+    positive = grid[np.isfinite(grid) & (grid > 0)]
+    scale = dict(norm=LogNorm(vmin=min(1e-3, positive.min()) if positive.size else 1e-3, vmax=1.0)) if log \
+        else dict(vmin=0, vmax=1)
+    im = ax.imshow(grid, aspect="auto", origin="lower", cmap="magma", interpolation="nearest", **scale)
+    if grid.size <= 120:
+        for (i, j), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7,
+                        color="white" if im.norm(max(v, 1e-12)) < 0.6 else "black")
     ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 10)).round().astype(int))
     ax.set_xticks(ticks, [str(steps[i]) for i in ticks], rotation=45 if len(steps) > 5 else 0)
     ax.set_yticks(range(len(layers)), [str(l) for l in layers])
     ax.set(xlabel="training step (optimizer steps)", ylabel="layer", title=title)
-    fig.colorbar(im, ax=ax, label=label)
+    fig.colorbar(im, ax=ax, label=label + (", log" if log else ""))
     rows = [[l] + list(r) for l, r in zip(layers, grid.tolist())]
     return _save(fig, out, f"{metric}_heatmap", ["layer"] + [f"step_{s}" for s in steps], rows)
 
@@ -116,7 +126,8 @@ def sink_rate_plot(stats, out: Path, lines=SINK_RATE_LINES, name: str = "sink_ra
 def token_norms_plot(stats, out: Path, threshold: float = HIGH_NORM_REL) -> list[Path]:
     """Per layer against the step: max / median token norm ‖h_i‖ and the count of high-norm tokens."""
     layers, steps = _layers(stats["token_norm_ratio"]), _steps(stats["token_norm_ratio"])
-    fig, axes = _figure((11, 3.8), 2, sharex=True)
+    fig, axes = _figure((12, 4.2), 2, sharex=True)
+    fig.subplots_adjust(wspace=0.3, top=0.82)
     cmap = colormaps["viridis"]
     rows = []
     for ax, metric in zip(axes, ("token_norm_ratio", "high_norm_tokens")):
@@ -131,6 +142,8 @@ def token_norms_plot(stats, out: Path, threshold: float = HIGH_NORM_REL) -> list
     axes[0].legend(fontsize=8)
     axes[0].set(ylabel="max / median token norm ‖h‖", title="Largest token norm over the median")
     axes[1].set(ylabel="tokens (all probe sequences)", title=f"High-norm tokens (‖h‖ > {threshold:g}× median)")
+    axes[1].set_ylim(bottom=0, top=max(1.0, axes[1].get_ylim()[1]))
+    axes[1].yaxis.set_major_locator(MaxNLocator(integer=True))
     sm = ScalarMappable(cmap=cmap, norm=Normalize(layers[0], layers[-1]))
     fig.colorbar(sm, ax=axes, label="layer", pad=0.01, ticks=MaxNLocator(integer=True))
     fig.suptitle("Residual token norms over training, one line per layer")
@@ -255,7 +268,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
                                     MASS_LABEL)
         files += sink_rate_plot(stats, out)
     elif "max_key_mass" in stats:  # bidirectional (DiT): no first token
-        files += layer_step_heatmap(stats, "max_key_mass", out, "Max-key attention mass per layer", MAX_KEY_LABEL)
+        files += layer_step_heatmap(stats, "max_key_mass", out, "Max-key attention mass per layer", MAX_KEY_LABEL,
+                                    log=True)
         files += sink_rate_plot(stats, out, MAX_KEY_RATE_LINES, "max_key_rate",
                                 "Share of heads with max-key mass > 0.3 over training")
     if "learned_sink_mass" in stats:
