@@ -1,6 +1,8 @@
 """Residual-stream norms: RMSNorm, zero-centred, DyT, identity, PreAffine and GatedNorm."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,7 +97,13 @@ class PreAffineRMSNorm(RMSNorm):
 
 
 class GatedNorm(RMSNorm):
-    """y = RMSNorm(x); y · gate_scale · σ(W_up SiLU(W_down y)) with a rank-r bottleneck."""
+    """y = RMSNorm(x); y · gate_scale · σ(W_up SiLU(W_down y)) with a rank-r bottleneck.
+
+    On CUDA the forward runs the fused Triton op `sinkfree::gated_norm_fwd` (sinkfree_kernels.gated_norm)
+    unless `GatedNorm.fused` is False (default from SINKFREE_FUSED_GATEDNORM, "0" turns it off); the PyTorch
+    path below is used on CPU and is the reference."""
+
+    fused = os.environ.get("SINKFREE_FUSED_GATEDNORM", "1") != "0"
 
     def __init__(self, dim: int, eps: float = 1e-5, rank: int = 16, identity_init: bool = False,
                  zero_centered: bool = False):
@@ -114,6 +122,12 @@ class GatedNorm(RMSNorm):
         return self.gate_scale * torch.sigmoid(self.gate_up(F.silu(self.gate_down(y))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and x.is_cuda:
+            from sinkfree_kernels.gated_norm import gated_norm, supported
+
+            if supported(x, self.gate_down.weight):
+                return gated_norm(x, self.effective_weight(), self.gate_down.weight, self.gate_up.weight,
+                                  self.eps, self.gate_scale)
         y = super().forward(x)
         return y * self.gate(y)
 
