@@ -100,10 +100,10 @@ class GatedNorm(RMSNorm):
     """y = RMSNorm(x); y · gate_scale · σ(W_up SiLU(W_down y)) with a rank-r bottleneck.
 
     On CUDA the forward runs the fused Triton op `sinkfree::gated_norm_fwd` (sinkfree_kernels.gated_norm)
-    unless `GatedNorm.fused` is False (default from SINKFREE_FUSED_GATEDNORM, "0" turns it off); the PyTorch
+    when `GatedNorm.fused` is True (opt-in: SINKFREE_FUSED_GATEDNORM=1, not yet checked on a GPU); the PyTorch
     path below is used on CPU and is the reference."""
 
-    fused = os.environ.get("SINKFREE_FUSED_GATEDNORM", "1") != "0"
+    fused = os.environ.get("SINKFREE_FUSED_GATEDNORM", "0") == "1"  # opt-in until measured on a GPU
 
     def __init__(self, dim: int, eps: float = 1e-5, rank: int = 16, identity_init: bool = False,
                  zero_centered: bool = False):
