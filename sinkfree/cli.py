@@ -24,6 +24,8 @@ Other verbs:
   convert     checkpoints: `convert from-hf`, `convert from-gguf`, `convert to-hf`
   tokenizer   `tokenizer train`: train a byte-level BPE tokenizer on local or embedded text
   bench       benchmarks on a GPU: `bench attention`
+  compare     A/B of runs' metrics.csv: `compare runs/a runs/a2 runs/b --seed-pair 0 1` -> table,
+              PASS/FAIL against max(0.5%, 2 x seed gap), figure (val/loss and train loss vs step)
 
 `sinkfree <verb> --help` explains every option of a verb.
 """
@@ -36,6 +38,7 @@ OTHER_VERBS: dict[str, tuple[str, str]] = {
     "convert": ("sinkfree.checkpoints.cli", "convert_main"),
     "tokenizer": ("sinkfree.data.tokenizer", "tokenizer_main"),
     "bench": ("sinkfree.bench", "bench_main"),
+    "compare": ("sinkfree.compare", "compare_main"),
 }
 
 
