@@ -10,6 +10,8 @@ BENCHES = {
     "attention": ("sinkfree.bench.attention", "bench_main", "attention kernels vs SDPA cuDNN/flash, FlexAttention, peers"),
     "lm": ("sinkfree.bench.lm", "lm_main", "training tokens/s and MFU of LLM recipes"),
     "vsa": ("sinkfree.bench.vsa", "vsa_main", "video sparse attention and a DiT training step vs dense cuDNN"),
+    "accuracy": ("sinkfree.bench.accuracy", "accuracy_main",
+                 "attention error vs an fp64 reference (issue 7 targets), bf16 cuDNN as the floor"),
 }
 
 
