@@ -1,7 +1,7 @@
 """Fused GatedNorm: out = y · gate_scale · σ(W_up SiLU(W_down y)), y = RMSNorm(x) · w (fp32 statistics).
 
-One forward kernel and one backward kernel over blocks of BLOCK_M full rows (C <= 8192, padded to a power of
-two and masked; the rank r <= 64 is padded to >= 16 for tl.dot). The forward stores out (x.dtype), rstd
+One forward kernel and one backward kernel over blocks of BLOCK_M full rows (C <= 1024, padded to a power of
+two and masked; the rank r <= 16 is padded to 16 for tl.dot; larger shapes fall back to PyTorch). The forward stores out (x.dtype), rstd
 (N,) fp32 and the gate pre-activation a = y W_downᵀ (N, r) fp32; the backward recomputes y, h = SiLU(a),
 u = h W_upᵀ and g from them and writes dx plus per-program partial weight gradients (summed with torch:
 deterministic). Both kernels are persistent (programs loop over row blocks) so the weights are read once
@@ -22,8 +22,14 @@ import triton.language as tl
 
 from ._tuning import INTERPRET
 
-MAX_DIM = 8192
-MAX_RANK = 64
+MAX_DIM = 1024  # one row block holds whole rows; wider rows need more than 227 KB of shared memory on sm_90
+MAX_RANK = 16  # W_down and W_up stay in shared memory; rank 32 at C 1024 does not fit
+# Software-pipelining depth of the persistent row loops: 1 (none). Triton's default (3) buffers every
+# (BLOCK_M, BLOCK_C) tile per stage; on an H200 at C = 768 (BLOCK_C 1024) that asked for 267-398 KB of shared
+# memory (227 KB per block) and the first GPU runs failed with OutOfResources; the forward at 2 stages still
+# asked for 262 KB with bf16 inputs. Unpipelined, the sm_90 compile needs <= 164 KB.
+FWD_STAGES = 1
+BWD_STAGES = 1
 
 
 # ---- reference ----------------------------------------------------------------------------------------------
@@ -189,7 +195,7 @@ def _forward(x, weight, w_down, w_up, eps, gate_scale, mm_dtype):
         _gn_fwd[(_n_programs(x, n_blocks, per_sm),)](
             x2, weight.contiguous(), w_down.contiguous(), w_up.contiguous(), out, rstd, a,
             _mmref(mm_dtype, x.device), n, c, r, x2.stride(0), out.stride(0), eps, gate_scale,
-            BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, PREC=_prec(mm_dtype), num_warps=warps,
+            BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, PREC=_prec(mm_dtype), num_warps=warps, num_stages=FWD_STAGES,
         )
     lead = x.shape[:-1]
     return out.view(*lead, c), rstd.view(lead), a.view(*lead, r)
@@ -217,7 +223,7 @@ def _backward(dout, x, weight, w_down, w_up, rstd, a, gate_scale, mm_dtype):
         x2, do2, weight.contiguous(), w_down.contiguous(), w_up.contiguous(), rstd.reshape(-1).contiguous(),
         a.reshape(-1, r).contiguous(), dx, dw_p, dwd_p, dwu_p, _mmref(mm_dtype, x.device), n, c, r,
         x2.stride(0), do2.stride(0), dx.stride(0), gate_scale,
-        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, PREC=_prec(mm_dtype), num_warps=warps,
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, PREC=_prec(mm_dtype), num_warps=warps, num_stages=BWD_STAGES,
     )
     return (dx.view(x.shape), dw_p.sum(0).to(weight.dtype), dwd_p.sum(0).to(w_down.dtype),
             dwu_p.sum(0).to(w_up.dtype))

@@ -86,6 +86,7 @@ def _timer(warmup, rep):
                 return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
         out = fn()
         dout = torch.randn_like(out)
+        del out  # else its autograd graph (all saved activations of a model step) stays alive while timing
 
         def step():
             fn().backward(dout)
