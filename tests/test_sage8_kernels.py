@@ -7,7 +7,7 @@ import torch
 import sinkfree_kernels.sage8_ops  # noqa: F401  (registers the sinkfree::sage8_* ops)
 from kernel_checks import rel_err
 from sinkfree.attention import AttentionSpec, attend, get_backend
-from sinkfree_kernels import random_lists
+from sinkfree_kernels import attention_reference, random_lists
 from sinkfree_kernels.quant_reference import sage8_attention_reference, sage8_block_sparse_reference
 from sinkfree_kernels.sage8_ops import (sage8_attention, sage8_attention_quantized, sage8_block_sparse_attention,
                                         sage8_quantize)
@@ -123,6 +123,23 @@ def test_backends(monkeypatch):
     idx, cnt = random_lists(1, 2, 64, 64, 64, 64, 1.0)
     out = get_backend("sage8").fn(q, k, v, spec, sink, tiles=(idx, cnt))
     assert rel_err(out, ref) < 1e-6
+
+
+def test_vsplit_backends(monkeypatch):
+    """`sage8-vsplit` / `sage8-infer-vsplit` run the two-term V (kernel and reference path), which is closer to
+    exact attention than plain sage8 on random V."""
+    ins, sink = _inputs(1, 2, 1, 64, 64, 64, torch.float32, seed=12)
+    q, k, v = (t.detach() for t in ins)
+    sink = sink.detach()
+    exact = attention_reference(q, k, v, sink, True)[0]
+    ref = sage8_attention_reference(q, k, v, sink, causal=True, v_split=True)[0]
+    plain = attend(q, k, v, AttentionSpec(backend="sage8"), sink)
+    for name in ("sage8-vsplit", "sage8-infer-vsplit"):
+        out = attend(q, k, v, AttentionSpec(backend=name), sink)
+        assert rel_err(out, ref) < TOL, name
+        assert rel_err(out, exact) < 0.8 * rel_err(plain, exact), name
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors, no interpreter: the fake-quant reference
+    assert rel_err(attend(q, k, v, AttentionSpec(backend="sage8-vsplit"), sink), ref) < 1e-6
 
 
 def test_bad_input():
