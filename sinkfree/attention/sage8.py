@@ -8,8 +8,8 @@ Keep the first and last layers in bf16 with `LLMConfig.attn_fallback_layers` (e.
 
 `sage8-vsplit` / `sage8-infer-vsplit` store V as two FP8 terms (hi + lo/16, one more FP8 dot per key block):
 on N(0, 1) inputs (H200, `sinkfree bench accuracy`) the plain FP8 P·V forward reaches cosine 0.9994 / relative
-L1 0.036 against fp64, the split one 0.9997 / 0.025 (the issue-7 forward bar is 0.9995 / 0.03), for ~2-3% more
-time.
+L1 0.036 against fp64, the split one 0.9997 / 0.025 (the issue-7 forward bar is 0.9995 / 0.03); on the same
+card its forward takes 1.8x as long at D 128 (1.1x at D 64) and fwd+bwd 1.03-1.11x (`sinkfree bench attention`).
 """
 from __future__ import annotations
 
