@@ -54,7 +54,11 @@ def _quant_fp8_kmajor(x, split=False):
     """Per-channel FP8 of x (B, H, S, D) into a K-major [D, S] buffer: (x8 as a (B, H, S, D) view, fac (B, H, D)
     with x ~ x8 * fac * 448, and with split the residual term lo (x ~ (x8 + lo / 16) * fac * 448) or None)."""
     b, h, s, d = x.shape
-    amax = x.float().abs().amax(2) if s > 0 else x.new_zeros((b, h, d), dtype=torch.float32)
+    if s > 0:  # one read pass, no fp32 or |x| copy of x (max/min of bf16 values are exact)
+        lo_, hi_ = torch.aminmax(x, dim=2)
+        amax = torch.maximum(hi_, -lo_).float()
+    else:
+        amax = x.new_zeros((b, h, d), dtype=torch.float32)
     buf = torch.empty((b, h, d, triton.cdiv(s, _PAD) * _PAD), dtype=torch.float8_e4m3fn, device=x.device)
     x8 = buf[..., :s].transpose(-1, -2)  # logical (B, H, S, D), token stride 1
     lo = torch.empty_like(buf)[..., :s].transpose(-1, -2) if split else None
@@ -71,7 +75,8 @@ def _quantize(q, k, v, scale, smooth_k, transposed=False, with_v=True, v_split=F
     """Everything the 8-bit kernels read: dict of int8 q8/k8 (+ K-major copies), per-token scales, k mean,
     per-row smoothing correction, fp8 V (K-major) and its per-channel factor."""
     group = q.shape[1] // k.shape[1]
-    km = k.float().mean(2).contiguous() if smooth_k and k.shape[2] > 0 else None
+    # fp32 accumulation without an fp32 copy of K
+    km = k.mean(2, dtype=torch.float32).contiguous() if smooth_k and k.shape[2] > 0 else None
     q8, q8t, qs, corr = _quant_int8(q, None, km, scale, transposed, group)
     k8, k8t, ks, _ = _quant_int8(k, km, None, 0.0, transposed)
     qz = dict(q8=q8, q8t=q8t, qs=qs, corr=corr, k8=k8, k8t=k8t, ks=ks, kmean=km)
