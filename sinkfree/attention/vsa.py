@@ -142,7 +142,7 @@ def vsa_topk(n_tiles: int, sparsity: float) -> int:
 def _tile_means(x: torch.Tensor, tiling: VSATiling) -> torch.Tensor:
     """(B, H, n_tiles * volume, D) padded -> (B, H, n_tiles, D) fp32 means over each tile's real tokens."""
     b, h, _, d = x.shape
-    sums = x.float().view(b, h, tiling.n_tiles, tiling.volume, d).sum(3)
+    sums = x.view(b, h, tiling.n_tiles, tiling.volume, d).sum(3, dtype=torch.float32)  # no fp32 copy of x
     return sums / tiling.tile_len.to(sums.dtype)[:, None]
 
 
@@ -185,11 +185,19 @@ def vsa_attention(q, k, v, tiling: VSATiling, topk: int, gate: torch.Tensor | No
     logits, coarse = vsa_coarse(qp, kp, vp, tiling, scale, sink)
     idx, cnt = vsa_select(logits, topk)
     spec = AttentionSpec("block_sparse", causal=False, scale=scale, tile_size=tiling.volume)
-    fine = unpad_tiles(block_sparse_attend(qp, kp, vp, idx, cnt, spec, sink, tiling.tile_len), tiling)
-    coarse = coarse.index_select(2, tiling.tile_of)  # (B, Hq, S, D): each token gets its tile's output
-    if gate is not None:
-        coarse = gate.float() * coarse
-    return (fine.float() + coarse).to(q.dtype)
+    fine = block_sparse_attend(qp, kp, vp, idx, cnt, spec, sink, tiling.tile_len)  # padded, tile-major
+    # Combine in the padded layout, where a tile's tokens are `volume` consecutive slots: each token gets its
+    # tile's coarse output through a broadcast view (backward: a sum over the tile, no scatter), and one fused
+    # addcmul (fp32 math, one rounding) writes the output in q's dtype.
+    b, hq, _, d = fine.shape
+    shape5 = (b, hq, tiling.n_tiles, tiling.volume, d)
+    coarse = coarse.to(q.dtype)[:, :, :, None, :].expand(shape5)
+    fine = fine.view(shape5)
+    if gate is None:
+        out = fine + coarse
+    else:
+        out = torch.addcmul(fine, pad_tiles(gate, tiling).view(shape5), coarse)
+    return unpad_tiles(out.reshape(b, hq, -1, d), tiling)
 
 
 def vsa_backend(q, k, v, spec: AttentionSpec, sink=None) -> torch.Tensor:
