@@ -3,9 +3,10 @@ mean-smoothed K (with the smoothing's per-row LSE correction), per-channel FP8 e
 K-major (transposed, [D, S]) as FP8 wgmma wants its B operand.
 
 The same rounding is used by the fake-quant reference (`quant_reference.py`): INT8 = trunc(x*127/absmax
-+- 0.5), scale absmax/127; FP8 = round-to-nearest-even e4m3, saturated at 448. On the Triton interpreter
-the fp32 -> fp8 cast is not correctly rounded (e.g. 127.9 -> 64), so there the value is rounded to an
-e4m3 number first (`EXACT_FP8`); on GPUs the hardware cvt.rn.satfinite does it.
++- 0.5), scale absmax/127, both divisions correctly rounded (`_rdiv`, not the GPU's approximate fp32 `/`);
+FP8 = round-to-nearest-even e4m3, saturated at 448. On the Triton interpreter the fp32 -> fp8 cast is not
+correctly rounded (e.g. 127.9 -> 64), so there the value is rounded to an e4m3 number first
+(`EXACT_FP8`); on GPUs the hardware cvt.rn.satfinite does it.
 """
 
 import triton
@@ -17,6 +18,17 @@ from ._tuning import INTERPRET
 EXACT_FP8 = INTERPRET
 FP8_MAX = 448.0
 QUANT_BLOCK = 64
+
+
+@triton.jit
+def _rdiv(c, amax):
+    """c / max(amax, 1e-30) correctly rounded (IEEE div.rn), as the fake-quant reference divides. Not `/`:
+    on NVIDIA GPUs Triton lowers an fp32 `/` to the approximate div.full.f32 (up to 2 ulp off), and half
+    inputs (fp16/bf16) put x * c / amax exactly on a rounding tie often (x = amax / 2 gives 63.5 for INT8),
+    where one ulp flips the INT8/FP8 value: with an unsmoothed common K offset, one Q step moves the whole
+    row's logits, i.e. the LSE, by ~2e-2 (the GPU failure of tests/test_sage8_gpu.py). The fma that the GPU
+    makes of `x * inv + 0.5` is harmless: RN(p + 0.5) and RN(RN(p) + 0.5) have the same integer part."""
+    return tl.math.div_rn(tl.full(amax.shape, c, tl.float32), tl.maximum(amax, 1e-30))
 
 
 @triton.jit
@@ -43,9 +55,11 @@ def to_fp8(x, EXACT: tl.constexpr):
 def quant_rows_int8(a):
     """(R, C) fp32 -> (int8 values, fp32 scale per row = absmax/127), rounding half away from zero."""
     amax = tl.max(tl.abs(a), 1)
-    inv = 127.0 / tl.maximum(amax, 1e-30)
+    inv = _rdiv(127.0, amax)
     x = a * inv[:, None]
-    return tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8), amax / 127.0
+    scale = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))  # IEEE too (the reference's)
+    # (the +-0.5 may be fused with the product into an fma on the GPU: the same integer, see _rdiv)
+    return tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8), scale
 
 
 @triton.jit
@@ -83,7 +97,7 @@ def _quant_channels_fp8(
     (same strides): y ~ x8 + lo / 16 to ~2^-8 relative (the `v_split` two-term V)."""
     pid, bh, b, h, rows, d, inb = row_program(H, S, BLOCK, HEAD_DIM)
     x = load_rows_f32(X, b, h, sxb, sxh, sxs, rows, d, inb)
-    inv = 448.0 / tl.maximum(tl.load(Amax + bh * HEAD_DIM + d), 1e-30)
+    inv = _rdiv(448.0, tl.load(Amax + bh * HEAD_DIM + d))
     y = x * inv[None, :]
     x8 = to_fp8(y, EXACT)
     offs = b.to(tl.int64) * s8b + h.to(tl.int64) * s8h + rows[:, None] * s8s + d[None, :] * s8d

@@ -62,7 +62,7 @@ def quant_int8_rows(x):
     """Symmetric INT8 over the last dim: (integer values as fp32, scale = absmax / 127)."""
     amax = x.abs().amax(-1)
     inv = _rdiv(INT8_MAX, amax.clamp_min(TINY))
-    return round_half_away(x * inv[..., None]), amax / INT8_MAX
+    return round_half_away(x * inv[..., None]), amax / torch.full_like(amax, INT8_MAX)  # IEEE, as the kernels
 
 
 def quant_int8_blocks(a, block, dim):
