@@ -107,3 +107,91 @@ def test_bad_sink_and_dtype():
         flash_attention(q, q, q, torch.zeros(3))
     with pytest.raises(ValueError, match="share one of"):
         flash_attention(q, q.half(), q)
+
+
+# ---- opt-in tensor-descriptor (TMA) forward: SINKFREE_ATTN_TMA=1, configs forced (the interpreter runs one) ----
+
+def _tma_config(warp_spec=False):
+    import triton
+
+    from sinkfree_kernels.attention_fwd import tma_block_shapes
+    return triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "USE_TMA": True, "WARP_SPEC": warp_spec}, num_warps=4,
+                         num_stages=2, pre_hook=tma_block_shapes)
+
+
+@pytest.fixture
+def tma_on(monkeypatch):
+    monkeypatch.setenv("SINKFREE_ATTN_TMA", "1")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("b,hq,hkv,sq,sk,d,warp_spec", [
+    (2, 4, 2, 100, 130, 64, False),   # GQA, odd S: the last key block is zero-filled past Sk, then masked
+    (1, 2, 1, 130, 67, 64, True),     # Sq > Sk (causal: rows without keys), warp-specialized loops
+    (1, 2, 2, 64, 128, 128, False),   # D = 128, exact multiples (EVEN_M / EVEN_N)
+    (2, 2, 1, 100, 100, 128, True),   # D = 128, GQA, odd S, one warp-specialized loop masked throughout
+])
+def test_dense_tma_forced(tma_on, causal, b, hq, hkv, sq, sk, d, warp_spec):
+    from kernel_checks import forced_configs
+    from sinkfree_kernels import attention_fwd, ops
+
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, torch.float16, seed=sq + sk)
+    assert ops._tma_descs(q, k, v) is not None
+    sink = torch.randn(hq).requires_grad_()
+    fn, ref = _dense(causal)
+    with forced_configs([(attention_fwd._attn_fwd, _tma_config(warp_spec))]):
+        compare(fn, ref, [q, k, v, sink], TOL[torch.float16])
+
+
+def test_dense_tma_reads_nothing_past_s(tma_on):
+    # k, v are views of longer NaN-padded buffers: TMA must zero-fill past Sk per head (a NaN in V would leak
+    # through p = 0), and the LSE must not count the zero keys (they are masked to -inf)
+    from kernel_checks import forced_configs
+    from sinkfree_kernels import attention_fwd
+
+    q, k, v = make_qkv(1, 2, 1, 70, 90, 64, torch.float16, seed=3)
+    pad_k = torch.full((1, 1, 128, 64), float("nan"), dtype=torch.float16)
+    pad_v = pad_k.clone()
+    pad_k[:, :, :90], pad_v[:, :, :90] = k.detach(), v.detach()
+    kp, vp = pad_k[:, :, :90], pad_v[:, :, :90]
+    sink = torch.randn(2)
+    with forced_configs([(attention_fwd._attn_fwd, _tma_config())]):
+        out, lse = flash_attention(q.detach(), kp, vp, sink)
+    ref, ref_lse = attention_reference(q.detach().float(), k.detach().float(), v.detach().float(), sink)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[torch.float16]
+    assert (lse - ref_lse).abs().max() < 1e-2
+
+
+def test_dense_tma_fallbacks(tma_on, monkeypatch):
+    # descriptors only for 16-bit, 16-byte-aligned tensors and dense launches; otherwise the pointer configs
+    from sinkfree_kernels import ops
+    from sinkfree_kernels._tuning import prune_configs
+    from sinkfree_kernels.attention_fwd import FWD_POINTER_CONFIGS
+
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 64, torch.float16)
+    assert ops._tma_descs(q, k, v) is not None
+    assert ops._tma_descs(q.float(), k.float(), v.float()) is None
+    odd = torch.randn(1, 2, 64, 72, dtype=torch.float16)[..., 4:68]  # base 8 bytes off a 16-byte boundary
+    assert odd.stride(-1) == 1 and ops._tma_descs(odd, k, v) is None
+    monkeypatch.setenv("SINKFREE_ATTN_TMA", "0")
+    assert ops._tma_descs(q, k, v) is None
+    configs = FWD_POINTER_CONFIGS + [_tma_config()]
+    n_ptr = len(FWD_POINTER_CONFIGS)
+    smem = 232448
+    assert len(prune_configs(configs, "fwd", 64, False, 64, 64, 2, smem)) == n_ptr  # no descriptors
+    assert len(prune_configs(configs, "fwd", 64, False, 64, 64, 2, smem, has_desc=True)) == n_ptr + 1
+    assert len(prune_configs(configs, "fwd", 64, True, 64, 64, 2, smem, has_desc=True)) <= n_ptr  # sparse
+    only = prune_configs(configs, "fwd", 64, False, 64, 64, 2, smem, has_desc=True, tma_only=True)
+    assert [c.kwargs.get("USE_TMA") for c in only] == [True]
+
+
+def test_dense_tma_config_without_descriptors_is_refused(monkeypatch):
+    # a USE_TMA config on a launch without descriptors (SINKFREE_ATTN_TMA off) fails at compile time instead of
+    # silently reading through the wrong arguments; the pruning never lets this happen in the autotuner
+    from kernel_checks import forced_configs
+    from sinkfree_kernels import attention_fwd
+
+    monkeypatch.setenv("SINKFREE_ATTN_TMA", "0")
+    q, k, v = make_qkv(1, 1, 1, 64, 64, 64, torch.float16)
+    with forced_configs([(attention_fwd._attn_fwd, _tma_config())]), pytest.raises(Exception):
+        flash_attention(q.detach(), k.detach(), v.detach())

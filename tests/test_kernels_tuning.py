@@ -148,3 +148,42 @@ def test_even_span_counts_whole_tiles_when_sparse():
     assert not even_span(args(4000, 32, 64, True), "Sq", "BLOCK_M", "TILE_M")  # GPU run 3: 32-blocks, S = 4000
     assert even_span(args(4096, 32, 64, True), "Sq", "BLOCK_M", "TILE_M")
     assert even_span(args(4000, 32, 64, False), "Sq", "BLOCK_M", "TILE_M")
+
+
+# the dense forward's tensor-descriptor configs (SINKFREE_ATTN_TMA=1), compiled for sm_90 on CPU like the table
+# above (kernels/tools/inspect_sm90.py --tma), D=128 bf16, the larger of causal / non-causal:
+# (warp-specialized, BLOCK_M, BLOCK_N, stages, bytes)
+MEASURED_SM90_TMA = [
+    (False, 128, 64, 3, 132096),
+    (False, 128, 128, 2, 164864),
+    (True, 128, 64, 3, 147744),
+    (True, 128, 64, 2, 114848),
+    (True, 128, 128, 2, 180384),
+]
+
+
+@pytest.mark.parametrize("ws,bm,bn,stages,measured", MEASURED_SM90_TMA)
+def test_estimate_bounds_the_tma_forward(ws, bm, bn, stages, measured):
+    est = smem_estimate("fwd", bm, bn, 128, stages, 2, warp_spec=ws)
+    assert measured <= est <= measured + 16 * 1024, (est, measured)
+
+
+def test_tma_configs_only_with_descriptors_and_only_listed_on_request(monkeypatch):
+    from sinkfree_kernels._tuning import tma_mode, with_tma_configs
+
+    tma = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "USE_TMA": True, "WARP_SPEC": True}, num_warps=4,
+                        num_stages=3)
+    ptr = [cfg(128, 64, 8, 3), cfg(64, 64, 4, 3)]
+    monkeypatch.delenv("SINKFREE_ATTN_TMA", raising=False)
+    assert tma_mode() == "0" and with_tma_configs(ptr, [tma]) == ptr
+    monkeypatch.setenv("SINKFREE_ATTN_TMA", "1")
+    assert tma_mode() == "1"
+    # pointer configs first: the untuned default (SINKFREE_AUTOTUNE=0) is the same with or without TMA
+    kept = prune_configs(ptr + [tma], "fwd", 128, False, 64, 64, 2, H100_SMEM, has_desc=True, autotune=False)
+    assert blocks(kept) == [(128, 64, 3)] and "USE_TMA" not in kept[0].kwargs
+    assert len(prune_configs(ptr + [tma], "fwd", 128, False, 64, 64, 2, H100_SMEM, has_desc=True)) == 3
+    assert len(prune_configs(ptr + [tma], "fwd", 128, False, 64, 64, 2, H100_SMEM)) == 2  # no descriptors
+    # a device too small for the warp-specialized buffers drops it like any other config
+    small = smem_estimate("fwd", 128, 64, 128, 3) + 1
+    kept = prune_configs(ptr + [tma], "fwd", 128, False, 64, 64, 2, small, has_desc=True)
+    assert all(not c.kwargs.get("WARP_SPEC") for c in kept)

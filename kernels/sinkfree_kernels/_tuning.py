@@ -18,6 +18,15 @@ def autotune_enabled() -> bool:
     return os.environ.get("SINKFREE_AUTOTUNE", "1") != "0"
 
 
+def tma_mode() -> str:
+    """SINKFREE_ATTN_TMA: '0' (default) pointer loads only; '1' adds the tensor-descriptor (TMA) configs of the
+    dense forward to its autotune list (the autotuner then picks between both kinds); 'only' keeps only them
+    wherever descriptors can be used (an A/B of the two load paths). The config list is built at import, so set
+    it before the first import of the kernels; the launchers read it at each launch (descriptors or not)."""
+    v = os.environ.get("SINKFREE_ATTN_TMA", "0").strip().lower()
+    return v if v in ("1", "only") else "0"
+
+
 def seq_bucket(n: int) -> int:
     """Autotune key for a sequence length: the next power of two (tuning once per size class)."""
     return 1 << max(int(n) - 1, 1).bit_length()
@@ -48,6 +57,25 @@ def make_configs(specs):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in specs]
 
 
+def make_tma_configs(specs, pre_hook):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize) tuples as configs of the tensor-descriptor
+    path (USE_TMA, WARP_SPEC constexprs; pre_hook sets the descriptors' block shapes); interpreter: one 64x64."""
+    if INTERPRET:
+        specs = [(64, 64, 4, 2, False)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": True, "WARP_SPEC": ws}, num_warps=w,
+                          num_stages=s, pre_hook=pre_hook) for bm, bn, w, s, ws in specs]
+
+
+def with_tma_configs(configs, tma_configs):
+    """The autotune list of a kernel with a descriptor variant: pointer configs first (the untuned default
+    stays the first pointer config), the TMA ones added only under SINKFREE_ATTN_TMA=1/only. Never on the
+    interpreter: its one config is not pruned (a lone config skips the autotuner), so tests force the TMA
+    config where they want it."""
+    if tma_mode() == "0" or INTERPRET:
+        return list(configs)
+    return list(configs) + list(tma_configs)
+
+
 @functools.lru_cache(maxsize=None)
 def max_shared_memory(device_index: int | None = None) -> int:
     """Opt-in shared memory per block of a CUDA device in bytes (H100/H200: 232448 = 227 KB); SAFE_SMEM_BYTES
@@ -72,7 +100,8 @@ def max_shared_memory(device_index: int | None = None) -> int:
 
 
 def smem_estimate(kernel: str, block_m: int, block_n: int, head_dim: int, num_stages: int, elem_bytes: int = 2,
-                  sparse: bool = False, tile_m: int = 64, tile_n: int = 64, atomic_dq: bool = False) -> int:
+                  sparse: bool = False, tile_m: int = 64, tile_n: int = 64, atomic_dq: bool = False,
+                  warp_spec: bool = False) -> int:
     """Shared memory (bytes) a config needs, an upper bound of what Triton 3.6 allocates on sm_90.
 
     Each kernel keeps its own block's operands resident and software-pipelines the loads of the blocks it
@@ -85,6 +114,8 @@ def smem_estimate(kernel: str, block_m: int, block_n: int, head_dim: int, num_st
             row vectors (LSE, delta); atomic dQ adds a BM x D fp32 layout-conversion buffer (and, for
             BM < 64, one of BN x D);
       dQ    resident Q, dO (2 x BM x D), pipelined K, V (2 x BN x D) per key sub-block.
+    TMA descriptor loads add only their barriers (< 1.1 KB, inside the slack); a warp-specialized forward
+    (WARP_SPEC) adds ~16.5 KB at BLOCK_M 128 (measured 16544-16672 B at D 64 and 128): BLOCK_M x 128 B + 1 KB.
     """
     e, d = elem_bytes, head_dim
     stages = max(int(num_stages), 1)
@@ -104,7 +135,8 @@ def smem_estimate(kernel: str, block_m: int, block_n: int, head_dim: int, num_st
         rows = 0
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
-    return resident + stages * piped + rows + SMEM_SLACK_BYTES
+    ws = block_m * 128 + 1024 if warp_spec else 0
+    return resident + stages * piped + rows + ws + SMEM_SLACK_BYTES
 
 
 def _arg(named_args, kwargs, name, default):
@@ -112,23 +144,31 @@ def _arg(named_args, kwargs, name, default):
 
 
 def prune_configs(configs, kernel: str, head_dim: int, sparse: bool, tile_m: int, tile_n: int, elem_bytes: int,
-                  smem_limit: int, atomic_dq: bool = False, autotune: bool = True):
+                  smem_limit: int, atomic_dq: bool = False, autotune: bool = True, has_desc: bool = False,
+                  tma_only: bool = False):
     """Pure config filter (unit-tested on CPU): keep configs whose blocks divide the sparse tiles (dense: any),
     that fit the registers at D >= 128 (BLOCK_M x BLOCK_N <= 128 x 128) and whose estimated shared memory fits
-    smem_limit. When nothing is left, the first fallback (64-blocks, or the tile if smaller; 2 stages, then
-    1) that fits, else the smallest. autotune=False keeps only the first survivor (the untuned default)."""
-    def fits(bm, bn, stages):
+    smem_limit. Descriptor (USE_TMA) configs only where the launch passes tensor descriptors (has_desc) and is
+    dense; tma_only (SINKFREE_ATTN_TMA=only) then drops the pointer configs. When nothing is left, the first
+    fallback (a pointer config: 64-blocks, or the tile if smaller; 2 stages, then 1) that fits, else the
+    smallest. autotune=False keeps only the first survivor (the untuned default)."""
+    def fits(bm, bn, stages, ws=False):
         return smem_estimate(kernel, bm, bn, head_dim, stages, elem_bytes, sparse, tile_m, tile_n,
-                             atomic_dq) <= smem_limit
+                             atomic_dq, ws) <= smem_limit
 
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         if sparse and (tile_m % bm or tile_n % bn):
             continue
+        tma = bool(c.kwargs.get("USE_TMA", False))
+        if tma and (sparse or not has_desc):
+            continue
+        if tma_only and has_desc and not sparse and not tma:
+            continue
         if head_dim >= 128 and bm * bn > 128 * 128:
             continue
-        if not fits(bm, bn, c.num_stages):
+        if not fits(bm, bn, c.num_stages, bool(c.kwargs.get("WARP_SPEC", False))):
             continue
         kept.append(c)
     if not kept:
@@ -149,7 +189,8 @@ def make_pruner(kernel: str):
             configs, kernel, head_dim=_arg(named_args, kwargs, "HEAD_DIM", 64),
             sparse=bool(_arg(named_args, kwargs, "SPARSE", False)), tile_m=_arg(named_args, kwargs, "TILE_M", 64),
             tile_n=_arg(named_args, kwargs, "TILE_N", 64), elem_bytes=elem, smem_limit=max_shared_memory(dev),
-            atomic_dq=bool(_arg(named_args, kwargs, "ATOMIC_DQ", False)), autotune=autotune_enabled())
+            atomic_dq=bool(_arg(named_args, kwargs, "ATOMIC_DQ", False)), autotune=autotune_enabled(),
+            has_desc=bool(_arg(named_args, kwargs, "HAS_DESC", False)), tma_only=tma_mode() == "only")
 
     prune.__name__ = f"prune_{kernel}"
     return prune

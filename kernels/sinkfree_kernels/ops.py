@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import triton
 
-from ._tuning import seq_bucket
+from ._tuning import INTERPRET, seq_bucket, tma_mode
 from .attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
 from .attention_fwd import LOG2E, _attn_fwd
 from .tiles import transpose_lists
@@ -41,6 +41,32 @@ def _check_inputs(q, k, v, sink):
 
 def _lastdim_contig(x):
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _tma_ok(t):
+    """Whether a (B, H, S, D) tensor can back a TMA descriptor: 16-bit floats (the bf16/fp16 fast path), base
+    and every non-last stride 16-byte aligned, last dim contiguous, and (CUDA) a Hopper-or-newer device. CPU
+    tensors pass (the interpreter and the sm_90 CPU-compile tool)."""
+    if t.dtype not in (torch.float16, torch.bfloat16) or t.numel() == 0 or t.stride(-1) != 1:
+        return False
+    e = t.element_size()
+    if t.data_ptr() % 16 or any((st * e) % 16 for st in t.stride()[:-1]):
+        return False
+    if t.is_cuda:
+        return not INTERPRET and torch.cuda.get_device_capability(t.device)[0] >= 9
+    return True
+
+
+def _tma_descs(*tensors):
+    """Host tensor descriptors of q, k, v over their 4-D shapes (block shapes set by the configs' pre_hook), or
+    None: SINKFREE_ATTN_TMA off, an old Triton, or a tensor TMA cannot read (then every launch uses pointers)."""
+    if tma_mode() == "0" or not all(_tma_ok(t) for t in tensors):
+        return None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # triton < 3.4
+        return None
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 64, t.shape[-1]]) for t in tensors]
 
 
 def _prec(dtype):
@@ -135,14 +161,15 @@ def _forward(q, k, v, sink, causal, scale, idx=None, cnt=None, klen=None, tile_q
         return out, lse
     sink_t = sink.float().contiguous() if sink is not None else lse
     sparse, idx, cnt, klen_t, list_strides = _list_args(idx, cnt, klen, lse)
+    descs = None if sparse else _tma_descs(q, k, v)
     _attn_fwd[_grid(sq, "BLOCK_M", b * hq)](
-        q, k, v, out, lse, sink_t, idx, cnt, klen_t,
+        q, k, v, out, lse, sink_t, idx, cnt, klen_t, *(descs or (q, k, v)),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *list_strides,
         hq, hq // hkv, sq, sk, scale * LOG2E, seq_bucket(max(sq, sk)),
         HEAD_DIM=d, CAUSAL=causal, SPARSE=sparse, HAS_SINK=sink is not None, HAS_KLEN=klen is not None,
-        TILE_M=tile_q, TILE_N=tile_k, PREC=_prec(q.dtype),
+        TILE_M=tile_q, TILE_N=tile_k, PREC=_prec(q.dtype), HAS_DESC=descs is not None,
     )
     return out, lse
 

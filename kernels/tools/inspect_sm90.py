@@ -19,6 +19,9 @@ pruned configs are listed but not compiled unless --all-configs.
 Usage (from the repo root):
     python kernels/tools/inspect_sm90.py --kernels sage8 flash gated_norm --head-dims 64 128
     python kernels/tools/inspect_sm90.py --kernels sage8 --head-dims 128 --causal 0 --no-sparse --json out.json
+--tma sets SINKFREE_ATTN_TMA=1 before the kernels are imported: the dense forward's tensor-descriptor (TMA)
+configs join its list and the recorded launches carry host descriptors (rows "tma" / "tma+ws", notes count the
+TMA loads and flag warp-specialized compiles).
 Kernel groups: flash (_attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess), sage8 (_sage8_fwd with and
 without V_SPLIT, _sage8_bwd_dkdv, _sage8_bwd_dq), quant (_quant_tokens_int8, _quant_channels_fp8),
 gated_norm (_gn_fwd, _gn_bwd at C 768 -> BLOCK_C 1024, r 16, x fp32 and bf16, bf16 matmuls; the launcher's
@@ -45,12 +48,15 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("inspect_sm90: unset TRITON_INTERPRET (the kernels must be JITFunctions to compile for sm_90)")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # kernels/ (sinkfree_kernels without install)
+if "--tma" in sys.argv:  # the descriptor configs join the autotune lists at import
+    os.environ["SINKFREE_ATTN_TMA"] = "1"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import MockTensor, create_function_from_signature  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from sinkfree_kernels import (_tuning, attention_bwd, attention_fwd, gated_norm, ops, quant, sage8_bwd,  # noqa: E402
                               sage8_fwd, sage8_ops, tiles)
@@ -188,8 +194,18 @@ def specialize(obj, args, kwargs, config_kwargs):
             kw[name] = h({**named, **kw})
     backend = make_backend(TARGET)
     binder = create_function_from_signature(jit.signature, jit.params, backend)
-    margs = [MockTensor(a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
-    mkw = {k: (MockTensor(v.dtype) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+    def mock(a):
+        if isinstance(a, torch.Tensor):
+            return MockTensor(a.dtype)
+        if isinstance(a, TensorDescriptor):  # a fresh copy: the config's pre_hook sets its block shape
+            return TensorDescriptor(MockTensor(a.base.dtype), list(a.shape), list(a.strides), list(a.block_shape))
+        return a
+    margs = [mock(a) for a in args]
+    mkw = {k: mock(v) for k, v in kw.items()}
+    pre_hook = next((c.pre_hook for c in (at.configs if at else []) if c.all_kwargs() == config_kwargs), None)
+    if pre_hook is not None:
+        pre_hook({**dict(zip(jit.arg_names, margs)), **mkw})
     bound, spec, options = binder(*margs, **mkw)
     options, signature, constexprs, attrs = jit._pack_args(backend, mkw, bound, spec, options)
     return jit, signature, constexprs, attrs, options.__dict__
@@ -272,6 +288,9 @@ def compile_facts(obj, args, kwargs, config_kwargs):
     ttgir = ck.asm["ttgir"]
     facts["dots"] = ttgir_dots(ttgir)
     facts["async_copies"] = len(re.findall(r"ttg\.async_copy_global_to_local|ttng\.async_tma_copy", ttgir))
+    facts["tma_loads"] = len(re.findall(r"ttng\.async_tma_copy_global_to_local", ttgir))
+    facts["warp_specialized"] = "ttg.warp_specialize" in ttgir
+    facts["num_warps"] = ck.metadata.num_warps
     facts["wgmma_waits"] = re.findall(r"warp_group_dot_wait .*?pendings = (\d+)", ttgir)
     if DUMP_DIR:
         stem = os.path.join(DUMP_DIR, "_".join(f"{k}{v}" for k, v in sorted(config_kwargs.items())
@@ -284,22 +303,29 @@ def compile_facts(obj, args, kwargs, config_kwargs):
 
 # ---- jobs ----------------------------------------------------------------------------------------------
 
-def build_jobs(groups, head_dims, causals, sparse, all_configs, sink=True, seq=1024):
-    """[(row dict, kernel object, args, kwargs, config kwargs)]."""
+def build_jobs(groups, head_dims, causals, sparse, all_configs, sink=True, seq=1024, kernel_names=None,
+               variants=None):
+    """[(row dict, kernel object, args, kwargs, config kwargs)]; kernel_names / variants (e.g. "tma") keep
+    only those rows."""
     kernels = _kernel_objects()
     jobs = []
 
     def add(group, variant, calls, d="", causal="", tile=0, only=None):
         seen = set()
         for name, args, kwargs in calls:
-            if only and name not in only:
+            if (only and name not in only) or (kernel_names and name not in kernel_names):
                 continue
             if name in seen:
                 continue
             seen.add(name)
             obj = kernels[name]
             for ckw, kept in configs_for(obj, args, kwargs, all_configs):
-                row = dict(group=group, kernel=name, variant=variant, D=d, causal=causal, sparse_tile=tile,
+                var = variant
+                if ckw.get("USE_TMA"):
+                    var = "tma+ws" if ckw.get("WARP_SPEC") else "tma"
+                if variants and var not in variants:
+                    continue
+                row = dict(group=group, kernel=name, variant=var, D=d, causal=causal, sparse_tile=tile,
                            BLOCK_M=ckw.get("BLOCK_M", kwargs.get("BLOCK_M", "")),
                            BLOCK_N=ckw.get("BLOCK_N", kwargs.get("BLOCK", kwargs.get("BLOCK_C", ""))),
                            warps=ckw.get("num_warps", kwargs.get("num_warps", 4)),
@@ -405,6 +431,10 @@ def row_cells(r):
     if r.get("ok"):
         if r["smem"] > H100_SMEM:
             note = "smem > 227 KB"
+        if r.get("tma_loads"):
+            note = (note + "; " if note else "") + f"{r['tma_loads']} TMA loads"
+        if r.get("warp_specialized"):
+            note = (note + "; " if note else "") + f"warp-specialized ({r['num_warps']} warps in all)"
         sp = (r.get("spill_st") or 0) + (r.get("spill_ld") or 0)
         cells_spill = f"{r.get('spill_st')}/{r.get('spill_ld')}" + (" SPILL" if sp else "")
         vals = [r["regs"], cells_spill, r["smem"], n_names(by_kind["wgmma"]), n_names(by_kind["mma.sync"]),
@@ -438,6 +468,10 @@ def main(argv=None):
     ap.add_argument("--timeout", type=int, default=600, help="seconds per compile")
     ap.add_argument("--json", default="inspect_sm90.json", help="where to write the rows")
     ap.add_argument("--dump-dir", help="also write each compile's TTGIR and PTX there")
+    ap.add_argument("--only", nargs="+", help="kernel names to keep (e.g. _attn_fwd)")
+    ap.add_argument("--variants", nargs="+", help="row variants to keep (e.g. tma tma+ws bf16)")
+    ap.add_argument("--tma", action="store_true", help="SINKFREE_ATTN_TMA=1: add the dense forward's "
+                    "tensor-descriptor configs (launches get descriptors; sparse ones keep pointers)")
     a = ap.parse_args(argv)
     global DUMP_DIR
     if a.dump_dir:
@@ -446,7 +480,7 @@ def main(argv=None):
 
     t0 = time.time()
     jobs = build_jobs(a.kernels, a.head_dims, [bool(c) for c in a.causal], not a.no_sparse, a.all_configs,
-                      sink=not a.no_sink)
+                      sink=not a.no_sink, kernel_names=a.only, variants=a.variants)
     print(f"{len(jobs)} rows, {sum(not j[0]['pruned'] for j in jobs)} to compile", flush=True)
     print("| " + " | ".join(COLUMNS) + " |", flush=True)
     rows = run_jobs(jobs, a.jobs, a.timeout)
