@@ -168,6 +168,9 @@ BAD = [
     (dict(norm="dyt", residual_sink="preaffine"), "residual_sink='preaffine'.*norm='dyt'"),
     (dict(rope_scaling={"type": "ntk", "factor": 2.0}), "rope_scaling"),
     (dict(rope_scaling={"type": "llama3", "factor": 2.0}), "rope_scaling.*low_freq_factor"),
+    (dict(attn_tile_size=32), "attn_tile_size=32"),
+    (dict(attn_topk_keep=0.0), "attn_topk_keep=0.0"),
+    (dict(attn_topk_keep=1.5), "attn_topk_keep=1.5"),
 ]
 
 
@@ -175,6 +178,13 @@ BAD = [
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny(**kwargs)
+
+
+def test_tile_options_reach_every_layer():
+    cfg = tiny(attn_backend="topk", attn_tile_size=128, attn_topk_keep=0.25, attn_fallback_layers=[0])
+    assert (cfg.attention_spec.tile_size, cfg.attention_spec.topk_keep) == (128, 0.25)
+    fb = cfg.layer_attention_spec(0)
+    assert fb.backend == "flash" and (fb.tile_size, fb.topk_keep) == (128, 0.25)
 
 
 def test_config_rejects_sink_on_backend_without_sinks(monkeypatch):

@@ -91,6 +91,10 @@ class LLMConfig:
     """Clamp attention logits to (-c, c) before the softmax (eager backend only)."""
     attn_backend: str = "sdpa"
     """Attention backend from the registry: sdpa (default), eager, flash, block_sparse, topk, sage8, ..."""
+    attn_tile_size: int = 64
+    """Tokens per query/key tile of the tile-based backends (block_sparse, topk, sage8 with tile lists): 64 or 128."""
+    attn_topk_keep: float = 0.125
+    """topk backend: fraction of key tiles each query tile keeps (the diagonal tile always), in (0, 1]."""
     attn_fallback_layers: list[int] | None = None
     """Layers (negative = from the end) that use attn_fallback_backend instead, e.g. [0, -1] keeps the first
     and last layers of an 8-bit (sage8) model in bf16."""
@@ -106,6 +110,10 @@ class LLMConfig:
             if isinstance(getattr(self, name), str) and getattr(self, name).lower() == "none":
                 setattr(self, name, None)
         check_positive_ints(self, ("vocab_size", "n_layer", "n_embd", "n_head", "block_size", "gatednorm_rank"))
+        if self.attn_tile_size not in (64, 128):
+            raise ValueError(f"attn_tile_size={self.attn_tile_size!r} must be 64 or 128 (tokens per attention tile)")
+        if not isinstance(self.attn_topk_keep, (int, float)) or not 0.0 < self.attn_topk_keep <= 1.0:
+            raise ValueError(f"attn_topk_keep={self.attn_topk_keep!r} must be a fraction in (0, 1] of key tiles kept")
         check_optional_positive_ints(self, ("n_kv_head", "head_dim", "intermediate_size"))
         if self.n_head % self.num_kv_heads:
             raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (GQA groups)")
@@ -165,7 +173,8 @@ class LLMConfig:
     def attention_spec(self) -> AttentionSpec:
         """The causal AttentionSpec every layer uses."""
         return AttentionSpec(backend=self.attn_backend, causal=True, softmax=self.attn_softmax,
-                             logit_clip=self.attn_logit_clip)
+                             logit_clip=self.attn_logit_clip, tile_size=self.attn_tile_size,
+                             topk_keep=self.attn_topk_keep)
 
     def layer_attention_spec(self, layer: int) -> AttentionSpec:
         """The AttentionSpec of one layer: attn_fallback_backend for the attn_fallback_layers."""
