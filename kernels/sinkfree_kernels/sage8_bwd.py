@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._common import (causal_full_end, causal_key_end, causal_query_range, head_base, key_program, key_tile_end, query_program,
-                      row_major_ptrs, store_dkdv, store_rows, tile_list, transposed_ptrs, visible)
+                      row_major_ptrs, store_rows, tile_list, transposed_ptrs, visible)
 from ._tuning import EVEN_HEURISTICS, make_configs, make_pruner
 from .quant import quant_rows_int8, to_fp8
 
@@ -26,57 +26,95 @@ SAGE8_DQ_CONFIGS = make_configs([(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8,
 _KEY = ["SEQ_KEY", "HEAD_DIM", "CAUSAL", "SPARSE", "TILE_M", "TILE_N", "HAS_KLEN"]
 
 
+# dK/dV register budget (sm_90, D 128, 64x128x8: 64 fp32 registers per BLOCK_N x D tile per thread). The dK and
+# dV accumulators alone take 128; every 8-bit dot adds a fresh BLOCK_N x D result (its scale is applied before the
+# fp32 add), and the per-query vectors of the transposed tiles (q scale, LSE, delta) cost 16 registers each. The
+# block is laid out to keep the peak under 255 (see NOTES.md, "dK/dV register pressure"):
+# - dV is scaled by dO's per-channel factor once at the end when the program sees one head (GROUP == 1), not per
+#   block (a loop-invariant BLOCK_N x D broadcast, 32 registers); with GQA the factor differs per head, per block;
+# - the dK product is split in DK_SPLIT column halves at D >= 128 (BLOCK_N x D/2 int32 results, not BLOCK_N x D);
+# - each operand is loaded where it is first used (the pipeliner puts the shared-memory reads of the per-query
+#   vectors there too), P~ = e4m3(448 P) is made right after P, and both 8-bit dots run after dS is quantized
+#   (the fp32 P is dead by then);
+# - the causal diagonal blocks are masked in the same loop (a uniform branch) instead of a second loop.
+
+
 @triton.jit
-def _s8_dkdv_block(dk, dv, k8, ks, v, q8_base, q8t_base, qs_base, do_base, do8_base, lse_base, delta_base,
-                   corr_base, dofac, start_m, offs_m, offs_n, offs_d, Sq, kend, off, qk_scale,
+def _s8_dkdv_block(dk, dk_hi, dv, k8, ks, v, q8_base, q8t_base, qs_base, do_base, do8_base, lse_base, delta_base,
+                   corr_base, dofac, start_m, mask_end, offs_m, offs_n, offs_d, offs_k, Sq, kend, off, qk_scale,
                    sqm, stm, std, sdom, s8m, s8d,
                    MASK: tl.constexpr, CAUSAL: tl.constexpr, LOAD_M: tl.constexpr, PREC: tl.constexpr,
-                   EXACT: tl.constexpr, HAS_CORR: tl.constexpr):
-    """One BLOCK_M slice of queries into this key block's dK, dV (transposed scores)."""
+                   EXACT: tl.constexpr, HAS_CORR: tl.constexpr, DV_SCALE_IN_LOOP: tl.constexpr,
+                   DK_SPLIT: tl.constexpr, DYN_MASK: tl.constexpr):
+    """One BLOCK_M slice of queries into this key block's dK (two column halves dk, dk_hi when DK_SPLIT == 2),
+    dV (transposed scores); MASK: the causal / key-length mask, with DYN_MASK only when start_m < mask_end."""
     rows = start_m + offs_m
-    q_ptrs = q8_base + rows[:, None] * sqm + offs_d[None, :]
-    qt_ptrs = q8t_base + rows[:, None] * stm + offs_d[None, :] * std
-    do_ptrs = do_base + rows[:, None] * sdom + offs_d[None, :]
-    do8_ptrs = do8_base + rows[:, None] * s8m + offs_d[None, :] * s8d
+    inb = rows < Sq
     if LOAD_M:
-        inb = rows < Sq
-        q8 = tl.load(q_ptrs, mask=inb[:, None], other=0)
-        q8t = tl.load(qt_ptrs, mask=inb[:, None], other=0)
+        q8 = tl.load(q8_base + rows[:, None] * sqm + offs_d[None, :], mask=inb[:, None], other=0)
         qs = tl.load(qs_base + rows, mask=inb, other=0.0)
-        do = tl.load(do_ptrs, mask=inb[:, None], other=0.0)
-        do8 = tl.load(do8_ptrs, mask=inb[:, None], other=0.0)
         lse = tl.load(lse_base + rows, mask=inb, other=float("inf"))
-        delta = tl.load(delta_base + rows, mask=inb, other=0.0)
-        if HAS_CORR:
-            corr = tl.load(corr_base + rows, mask=inb, other=0.0)
     else:
-        q8 = tl.load(q_ptrs)
-        q8t = tl.load(qt_ptrs)
+        q8 = tl.load(q8_base + rows[:, None] * sqm + offs_d[None, :])
         qs = tl.load(qs_base + rows)
-        do = tl.load(do_ptrs)
-        do8 = tl.load(do8_ptrs)
         lse = tl.load(lse_base + rows)
-        delta = tl.load(delta_base + rows)
-        if HAS_CORR:
-            corr = tl.load(corr_base + rows)
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that saw nothing: P = 0
     if HAS_CORR:
-        lse = lse - corr
+        if LOAD_M:
+            lse = lse - tl.load(corr_base + rows, mask=inb, other=0.0)
+        else:
+            lse = lse - tl.load(corr_base + rows)
     lse2 = lse * 1.4426950408889634
     kqT = tl.dot(k8, tl.trans(q8)).to(tl.float32) * (qs * qk_scale)[None, :] * ks[:, None]  # (BLOCK_N, BLOCK_M)
     pT = tl.math.exp2(kqT - lse2[None, :])
     if MASK:
-        pT = tl.where(visible(offs_n[:, None], rows[None, :], kend, off, CAUSAL), pT, 0.0)
-    dv += tl.dot(to_fp8(pT * 448.0, EXACT), do8) * dofac[None, :]
+        if DYN_MASK:
+            if start_m < mask_end:  # uniform over the program
+                pT = tl.where(visible(offs_n[:, None], rows[None, :], kend, off, CAUSAL), pT, 0.0)
+        else:
+            pT = tl.where(visible(offs_n[:, None], rows[None, :], kend, off, CAUSAL), pT, 0.0)
+    p8 = to_fp8(pT * 448.0, EXACT)
+    if LOAD_M:
+        do = tl.load(do_base + rows[:, None] * sdom + offs_d[None, :], mask=inb[:, None], other=0.0)
+        delta = tl.load(delta_base + rows, mask=inb, other=0.0)
+    else:
+        do = tl.load(do_base + rows[:, None] * sdom + offs_d[None, :])
+        delta = tl.load(delta_base + rows)
     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
     dsT = pT * (dpT - delta[None, :])
     a8, sc = quant_rows_int8(dsT * qs[None, :])
+    do8_ptrs = do8_base + rows[:, None] * s8m + offs_d[None, :] * s8d
+    if LOAD_M:
+        do8 = tl.load(do8_ptrs, mask=inb[:, None], other=0.0)
+    else:
+        do8 = tl.load(do8_ptrs)
+    if DV_SCALE_IN_LOOP:
+        dv += tl.dot(p8, do8) * dofac[None, :]
+    else:
+        dv += tl.dot(p8, do8)
+    qt_ptrs = q8t_base + rows[:, None] * stm + offs_k[None, :] * std
+    if LOAD_M:
+        q8t = tl.load(qt_ptrs, mask=inb[:, None], other=0)
+        if DK_SPLIT == 2:
+            q8t_hi = tl.load(qt_ptrs + dk.shape[1] * std, mask=inb[:, None], other=0)
+    else:
+        q8t = tl.load(qt_ptrs)
+        if DK_SPLIT == 2:
+            q8t_hi = tl.load(qt_ptrs + dk.shape[1] * std)
     dk += tl.dot(a8, q8t).to(tl.float32) * sc[:, None]
-    return dk, dv
+    if DK_SPLIT == 2:
+        dk_hi += tl.dot(a8, q8t_hi).to(tl.float32) * sc[:, None]
+    return dk, dk_hi, dv
+
+
+def _dkdv_heuristics():
+    return {**EVEN_HEURISTICS,
+            "DV_SCALE_IN_LOOP": lambda a: a["GROUP"] != 1,
+            "DK_SPLIT": lambda a: 2 if a["HEAD_DIM"] >= 128 else 1}
 
 
 @triton.autotune(configs=SAGE8_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": make_pruner("dkdv")})
-@triton.heuristics(EVEN_HEURISTICS)
+@triton.heuristics(_dkdv_heuristics())
 @triton.jit
 def _sage8_bwd_dkdv(
     Q8, Q8T, QS, K8, KS, V, DO, DO8, DOFac, Lse, Delta, Corr, DK, DV, KIdx, KCnt, KLen,
@@ -87,7 +125,7 @@ def _sage8_bwd_dkdv(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr, HAS_KLEN: tl.constexpr,
     HAS_CORR: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr,
     EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr,
+    EVEN_N: tl.constexpr, DV_SCALE_IN_LOOP: tl.constexpr, DK_SPLIT: tl.constexpr,
 ):
     pid_bh, b, hk, n0, offs_n, offs_m, offs_d = key_program(HKV, BLOCK_M, BLOCK_N, HEAD_DIM)
     k_ptrs = row_major_ptrs(head_base(K8, b, hk, skb, skh), offs_n, skn, offs_d)
@@ -101,11 +139,15 @@ def _sage8_bwd_dkdv(
         k8 = tl.load(k_ptrs, mask=offs_n[:, None] < Sk, other=0)
         v = tl.load(v_ptrs, mask=offs_n[:, None] < Sk, other=0.0)
         ks = tl.load(ks_ptrs, mask=offs_n < Sk, other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    DK_COLS: tl.constexpr = HEAD_DIM // DK_SPLIT
+    offs_k = tl.arange(0, DK_COLS)
+    dk = tl.zeros([BLOCK_N, DK_COLS], dtype=tl.float32)
+    dk_hi = tl.zeros([BLOCK_N, DK_COLS], dtype=tl.float32)  # the columns DK_COLS.. when DK_SPLIT == 2
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     off = Sk - Sq
     kt = n0 // TILE_N
     kend = key_tile_end(KLen, kt, Sk, TILE_N, HAS_KLEN)
+    dofac = tl.zeros([HEAD_DIM], dtype=tl.float32)  # dO's per-channel factor, per head when DV_SCALE_IN_LOOP
 
     for g in range(0, GROUP):
         h = hk * GROUP + g
@@ -118,34 +160,39 @@ def _sage8_bwd_dkdv(
         lse_base = Lse + bh.to(tl.int64) * Sq
         delta_base = Delta + bh.to(tl.int64) * Sq
         corr_base = Corr + bh.to(tl.int64) * Sq
-        dofac = tl.load(DOFac + bh * HEAD_DIM + offs_d)
+        if DV_SCALE_IN_LOOP:
+            dofac = tl.load(DOFac + bh * HEAD_DIM + offs_d)
         if SPARSE:
             idx_ptr, cnt = tile_list(KIdx, KCnt, b, h, kt, sib, sih, siq, scb, sch)
             for t in range(0, cnt):
                 qt = tl.load(idx_ptr + t)
                 for sub in tl.static_range(TILE_M // BLOCK_M):
-                    dk, dv = _s8_dkdv_block(
-                        dk, dv, k8, ks, v, q8_base, q8t_base, qs_base, do_base, do8_base, lse_base, delta_base,
-                        corr_base, dofac, qt * TILE_M + sub * BLOCK_M, offs_m, offs_n, offs_d, Sq, kend, off,
-                        qk_scale, sqm, stm, std, sdom, s8m, s8d, CAUSAL or HAS_KLEN, CAUSAL, not EVEN_M, PREC,
-                        EXACT, HAS_CORR)
+                    dk, dk_hi, dv = _s8_dkdv_block(
+                        dk, dk_hi, dv, k8, ks, v, q8_base, q8t_base, qs_base, do_base, do8_base, lse_base,
+                        delta_base, corr_base, dofac, qt * TILE_M + sub * BLOCK_M, Sq, offs_m, offs_n, offs_d,
+                        offs_k, Sq, kend, off, qk_scale, sqm, stm, std, sdom, s8m, s8d, CAUSAL or HAS_KLEN, CAUSAL,
+                        not EVEN_M, PREC, EXACT, HAS_CORR, DV_SCALE_IN_LOOP, DK_SPLIT, False)
         else:
+            # causal: query blocks from lo see part of this key block, from mid all of it; one loop, the mask
+            # applied below mid (a second, masked loop would keep both loops' state live at once)
             lo = 0
             mid = 0
             if CAUSAL:
                 lo, mid = causal_query_range(n0, off, BLOCK_M, BLOCK_N)
-                for start_m in range(lo, tl.minimum(mid, Sq), BLOCK_M):
-                    dk, dv = _s8_dkdv_block(
-                        dk, dv, k8, ks, v, q8_base, q8t_base, qs_base, do_base, do8_base, lse_base, delta_base,
-                        corr_base, dofac, start_m, offs_m, offs_n, offs_d, Sq, kend, off, qk_scale, sqm, stm,
-                        std, sdom, s8m, s8d, True, True, not EVEN_M, PREC, EXACT, HAS_CORR)
-            for start_m in range(mid, Sq, BLOCK_M):
-                dk, dv = _s8_dkdv_block(
-                    dk, dv, k8, ks, v, q8_base, q8t_base, qs_base, do_base, do8_base, lse_base, delta_base,
-                    corr_base, dofac, start_m, offs_m, offs_n, offs_d, Sq, kend, off, qk_scale, sqm, stm,
-                    std, sdom, s8m, s8d, False, CAUSAL, not EVEN_M, PREC, EXACT, HAS_CORR)
+            for start_m in range(lo, Sq, BLOCK_M):
+                dk, dk_hi, dv = _s8_dkdv_block(
+                    dk, dk_hi, dv, k8, ks, v, q8_base, q8t_base, qs_base, do_base, do8_base, lse_base, delta_base,
+                    corr_base, dofac, start_m, mid, offs_m, offs_n, offs_d, offs_k, Sq, kend, off, qk_scale, sqm,
+                    stm, std, sdom, s8m, s8d, CAUSAL, CAUSAL, not EVEN_M, PREC, EXACT, HAS_CORR, DV_SCALE_IN_LOOP,
+                    DK_SPLIT, True)
 
-    store_dkdv(DK, DV, dk * sm_scale, dv, b, hk, offs_n, offs_d, sgb, sgh, sgn, Sk, EVEN_N)
+    dk_ptrs = row_major_ptrs(head_base(DK, b, hk, sgb, sgh), offs_n, sgn, offs_k)
+    store_rows(dk_ptrs, dk * sm_scale, offs_n, Sk, EVEN_N)
+    if DK_SPLIT == 2:
+        store_rows(dk_ptrs + DK_COLS, dk_hi * sm_scale, offs_n, Sk, EVEN_N)
+    if not DV_SCALE_IN_LOOP:  # one head (GROUP == 1, h = hk); after dK's stores, when its registers are free
+        dv = dv * tl.load(DOFac + (b * H + hk) * HEAD_DIM + offs_d)[None, :]
+    store_rows(row_major_ptrs(head_base(DV, b, hk, sgb, sgh), offs_n, sgn, offs_d), dv, offs_n, Sk, EVEN_N)
 
 
 @triton.jit
