@@ -195,3 +195,87 @@ def test_dense_tma_config_without_descriptors_is_refused(monkeypatch):
     q, k, v = make_qkv(1, 1, 1, 64, 64, 64, torch.float16)
     with forced_configs([(attention_fwd._attn_fwd, _tma_config())]), pytest.raises(Exception):
         flash_attention(q.detach(), k.detach(), v.detach())
+
+
+# ---- the backward's descriptor path (dK/dV and dQ kernels): TMA configs forced, pointer forward ----
+
+def _bwd_tma(warp_spec=False):
+    from sinkfree_kernels import attention_bwd
+    return [(attention_bwd._attn_bwd_dkdv, _tma_config(warp_spec)), (attention_bwd._attn_bwd_dq, _tma_config(warp_spec))]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("b,hq,hkv,sq,sk,d,warp_spec", [
+    (2, 4, 2, 100, 130, 64, False),   # GQA (each dK/dV program walks 2 query heads), odd Sq and Sk
+    (1, 2, 1, 130, 67, 64, True),     # Sq > Sk (causal: rows without keys), one WS loop over (head, query block)
+    (1, 2, 2, 64, 128, 128, False),   # D = 128, exact multiples (EVEN_M / EVEN_N)
+    (2, 2, 1, 100, 70, 128, True),    # D = 128, GQA, odd S, warp-specialized loops masked throughout
+])
+def test_dense_tma_backward_forced(tma_on, causal, b, hq, hkv, sq, sk, d, warp_spec):
+    from kernel_checks import forced_configs
+    from sinkfree_kernels import ops
+
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, torch.float16, seed=3 * sq + sk)
+    assert ops._tma_descs(q, k, v, torch.empty_like(q)) is not None
+    sink = torch.randn(hq).requires_grad_()
+    fn, ref = _dense(causal)
+    with forced_configs(_bwd_tma(warp_spec)):
+        compare(fn, ref, [q, k, v, sink], TOL[torch.float16], dlse_weight=0.5)
+
+
+def test_dense_tma_backward_atomic_dq(tma_on):
+    # the non-deterministic mode adds dQ by atomics inside the TMA dK/dV kernel
+    from kernel_checks import forced_configs
+
+    q, k, v = make_qkv(1, 4, 2, 100, 90, 64, torch.float16, seed=5)
+
+    def fn(q, k, v, sink):
+        return flash_attention(q, k, v, sink, True, deterministic=False)
+
+    with forced_configs(_bwd_tma()):
+        compare(fn, _dense(True)[1], [q, k, v, torch.randn(4).requires_grad_()], TOL[torch.float16])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_tma_backward_reads_nothing_past_s(tma_on, causal):
+    # q, dO (past Sq) and k, v (past Sk) are views of longer NaN-padded buffers; every kernel forced to its TMA
+    # config: the descriptors cover only S, so the zero fill (not the NaN) reaches the blocks' last rows
+    from kernel_checks import forced_configs
+    from sinkfree_kernels import attention_fwd, ops
+
+    b, hq, hkv, sq, sk, d = 1, 2, 1, 70, 90, 64
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, torch.float16, seed=11)
+    dout = torch.randn(b, hq, sq, d).half()
+    sink = torch.randn(hq)
+
+    def padded(x):
+        buf = torch.full((*x.shape[:2], 128, d), float("nan"), dtype=x.dtype)
+        buf[:, :, :x.shape[2]] = x.detach()
+        return buf[:, :, :x.shape[2]]
+
+    qp, kp, vp, dop = padded(q), padded(k), padded(v), padded(dout)
+    scale = d ** -0.5
+    with forced_configs([(attention_fwd._attn_fwd, _tma_config())] + _bwd_tma()):
+        assert ops._tma_descs(qp, kp, vp, dop) is not None
+        out, lse = flash_attention(qp, kp, vp, sink, causal)
+        dq, dk, dv, dsink = ops._backward(dop, None, qp, kp, vp, out, lse, sink, causal, scale, True)
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v, sink)]
+    ref_out, _ = attention_reference(*ref_in, causal)
+    ref_grads = torch.autograd.grad((ref_out * dout.float()).sum(), ref_in)
+    for name, g, rg in zip(("dq", "dk", "dv", "dsink"), (dq, dk, dv, dsink), ref_grads):
+        assert torch.isfinite(g).all() and rel_err(g, rg) < TOL[torch.float16], (name, rel_err(g, rg))
+
+
+def test_dense_tma_backward_fallbacks():
+    # the backward kernels keep their TMA configs only for dense launches with descriptors, like the forward
+    from sinkfree_kernels._tuning import prune_configs
+    from sinkfree_kernels.attention_bwd import DKDV_POINTER_CONFIGS, DQ_POINTER_CONFIGS
+
+    smem = 232448
+    for kernel, pointer in (("dkdv", DKDV_POINTER_CONFIGS), ("dq", DQ_POINTER_CONFIGS)):
+        configs, n_ptr = pointer + [_tma_config()], len(pointer)
+        assert len(prune_configs(configs, kernel, 64, False, 64, 64, 2, smem)) == n_ptr
+        assert len(prune_configs(configs, kernel, 64, False, 64, 64, 2, smem, has_desc=True)) == n_ptr + 1
+        assert len(prune_configs(configs, kernel, 64, True, 64, 64, 2, smem, has_desc=True)) <= n_ptr
+        only = prune_configs(configs, kernel, 64, False, 64, 64, 2, smem, has_desc=True, tma_only=True)
+        assert [c.kwargs.get("USE_TMA") for c in only] == [True]

@@ -118,29 +118,51 @@ def test_every_config_sparse_bf16(which):
     assert not failures, f"{len(failures)}/{len(kept)} configs of {which} failed:\n" + "\n".join(failures)
 
 
-@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9, reason="TMA: sm_90+")
-@pytest.mark.parametrize("causal", [False, True])
-def test_every_tma_config_dense_bf16(causal, monkeypatch):
-    """The opt-in tensor-descriptor forward (SINKFREE_ATTN_TMA=1): each of its configs forced in turn, odd S
-    (keys past S zero-filled by TMA, then masked), GQA, sink, D 128 and 64; gradients through the usual
-    backward."""
-    from sinkfree_kernels import attention_fwd, ops
+def _check_tma_configs(forced, causal, tag):
+    """Each entry of `forced` (a list of (kernel, config) pairs) in turn, bf16 vs the fp32 reference with
+    gradients: odd S (rows past S zero-filled by TMA, then masked), GQA, sink, D 128 and 64, Sq != Sk."""
+    from sinkfree_kernels import ops
 
-    monkeypatch.setenv("SINKFREE_ATTN_TMA", "1")
     failures = []
     for b, hq, hkv, sq, sk, d in ((2, 8, 2, 1500, 1500, 128), (1, 4, 4, 1000, 2100, 64)):
-        q, k, v = make_qkv(b, hq, hkv, sq, sk, d, torch.bfloat16, device="cuda", seed=_seed("tma", sq, d, causal))
-        assert ops._tma_descs(q, k, v) is not None
+        q, k, v = make_qkv(b, hq, hkv, sq, sk, d, torch.bfloat16, device="cuda", seed=_seed(tag, sq, d, causal))
+        assert ops._tma_descs(q, k, v, torch.empty_like(q)) is not None
         sink = torch.randn(hq, device="cuda").requires_grad_()
-        for config in attention_fwd.FWD_TMA_CONFIGS:
-            with forced_configs([(attention_fwd._attn_fwd, config)]):
+        for pairs in forced:
+            with forced_configs(pairs):
                 try:
                     compare(lambda q, k, v, s: flash_attention(q, k, v, s, causal),
                             lambda q, k, v, s: attention_reference(q, k, v, s, causal), [q, k, v, sink], BF16_TOL,
                             names=NAMES)
                 except Exception as e:
-                    failures.append(f"D{d} {config}: {type(e).__name__}: {e}")
+                    failures.append(f"D{d} {[str(c) for _, c in pairs]}: {type(e).__name__}: {e}")
     assert not failures, f"{len(failures)} TMA configs failed:\n" + "\n".join(failures)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9, reason="TMA: sm_90+")
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_tma_config_dense_bf16(causal, monkeypatch):
+    """The opt-in tensor-descriptor forward (SINKFREE_ATTN_TMA=1): each of its configs forced in turn;
+    gradients through the usual backward."""
+    from sinkfree_kernels import attention_fwd
+
+    monkeypatch.setenv("SINKFREE_ATTN_TMA", "1")
+    _check_tma_configs([[(attention_fwd._attn_fwd, c)] for c in attention_fwd.FWD_TMA_CONFIGS], causal, "tma")
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9, reason="TMA: sm_90+")
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_tma_backward_config_dense_bf16(causal, monkeypatch):
+    """The opt-in tensor-descriptor backward: each dK/dV and each dQ TMA config forced in turn (the two lists
+    walked side by side, the shorter one cycling), pointer forward."""
+    from sinkfree_kernels import attention_bwd
+
+    monkeypatch.setenv("SINKFREE_ATTN_TMA", "1")
+    dkdv, dq = attention_bwd.DKDV_TMA_CONFIGS, attention_bwd.DQ_TMA_CONFIGS
+    n = max(len(dkdv), len(dq))
+    forced = [[(attention_bwd._attn_bwd_dkdv, dkdv[i % len(dkdv)]), (attention_bwd._attn_bwd_dq, dq[i % len(dq)])]
+              for i in range(n)]
+    _check_tma_configs(forced, causal, "tma-bwd")
 
 
 def test_backward_is_deterministic_on_gpu():

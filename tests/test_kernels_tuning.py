@@ -162,9 +162,26 @@ MEASURED_SM90_TMA = [
 ]
 
 
-@pytest.mark.parametrize("ws,bm,bn,stages,measured", MEASURED_SM90_TMA)
-def test_estimate_bounds_the_tma_forward(ws, bm, bn, stages, measured):
-    est = smem_estimate("fwd", bm, bn, 128, stages, 2, warp_spec=ws)
+# the backward's descriptor configs, same tool and shapes: (kernel, warp-specialized, BLOCK_M, BLOCK_N, stages,
+# bytes at D 128, the larger of causal / non-causal)
+MEASURED_SM90_TMA_BWD = [
+    ("dkdv", False, 64, 128, 2, 131600),
+    ("dkdv", False, 64, 128, 3, 165888),
+    ("dkdv", False, 64, 64, 3, 133120),
+    ("dkdv", False, 32, 64, 3, 82944),
+    ("dkdv", True, 64, 64, 2, 114880),
+    ("dkdv", True, 64, 128, 2, 147680),
+    ("dq", False, 128, 64, 2, 131104),
+    ("dq", False, 128, 64, 3, 164864),
+    ("dq", False, 64, 64, 3, 132096),
+    ("dq", True, 64, 64, 2, 114880),
+]
+
+
+@pytest.mark.parametrize("kernel,ws,bm,bn,stages,measured",
+                         [("fwd", *row) for row in MEASURED_SM90_TMA] + MEASURED_SM90_TMA_BWD)
+def test_estimate_bounds_the_tma_configs(kernel, ws, bm, bn, stages, measured):
+    est = smem_estimate(kernel, bm, bn, 128, stages, 2, warp_spec=ws)
     assert measured <= est <= measured + 16 * 1024, (est, measured)
 
 

@@ -183,3 +183,10 @@ def store_dkdv(DK, DV, dk, dv, b, hk, offs_n, offs_d, sgb, sgh, sgn, Sk, EVEN_N:
     else:
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=offs_n[:, None] < Sk)
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < Sk)
+
+
+@triton.jit
+def tma_rows(Desc, b, h, start, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Rows start .. start + BLOCK - 1 of head (b, h) by a tensor-descriptor (TMA) load over the 4-D (B, H, S,
+    HEAD_DIM) tensor, as a (BLOCK, HEAD_DIM) block; rows past S are zero-filled per head (never the next head)."""
+    return Desc.load([b, h, start, 0]).reshape(BLOCK, HEAD_DIM)

@@ -20,7 +20,7 @@ def autotune_enabled() -> bool:
 
 def tma_mode() -> str:
     """SINKFREE_ATTN_TMA: '0' (default) pointer loads only; '1' adds the tensor-descriptor (TMA) configs of the
-    dense forward to its autotune list (the autotuner then picks between both kinds); 'only' keeps only them
+    dense forward and backward (dK/dV, dQ) to their autotune lists (the autotuner then picks between both kinds); 'only' keeps only them
     wherever descriptors can be used (an A/B of the two load paths). The config list is built at import, so set
     it before the first import of the kernels; the launchers read it at each launch (descriptors or not)."""
     v = os.environ.get("SINKFREE_ATTN_TMA", "0").strip().lower()
@@ -57,7 +57,17 @@ def make_configs(specs):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in specs]
 
 
-def make_tma_configs(specs, pre_hook):
+def tma_block_shapes(nargs):
+    """Config pre_hook of the descriptor configs: the TMA box of each descriptor is one block of one head,
+    (1, 1, BLOCK_M, HEAD_DIM) for the query-side tensors (DescQ, and DescDO in the backward), (1, 1, BLOCK_N,
+    HEAD_DIM) for the key-side ones (DescK, DescV)."""
+    d = nargs["HEAD_DIM"]
+    for name, block in (("DescQ", "BLOCK_M"), ("DescDO", "BLOCK_M"), ("DescK", "BLOCK_N"), ("DescV", "BLOCK_N")):
+        if name in nargs:
+            nargs[name].block_shape = [1, 1, nargs[block], d]
+
+
+def make_tma_configs(specs, pre_hook=tma_block_shapes):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize) tuples as configs of the tensor-descriptor
     path (USE_TMA, WARP_SPEC constexprs; pre_hook sets the descriptors' block shapes); interpreter: one 64x64."""
     if INTERPRET:
@@ -114,8 +124,9 @@ def smem_estimate(kernel: str, block_m: int, block_n: int, head_dim: int, num_st
             row vectors (LSE, delta); atomic dQ adds a BM x D fp32 layout-conversion buffer (and, for
             BM < 64, one of BN x D);
       dQ    resident Q, dO (2 x BM x D), pipelined K, V (2 x BN x D) per key sub-block.
-    TMA descriptor loads add only their barriers (< 1.1 KB, inside the slack); a warp-specialized forward
-    (WARP_SPEC) adds ~16.5 KB at BLOCK_M 128 (measured 16544-16672 B at D 64 and 128): BLOCK_M x 128 B + 1 KB.
+    TMA descriptor loads add only their barriers (< 1.1 KB, inside the slack); warp specialization (WARP_SPEC)
+    adds a near-constant 15.5-16.7 KB (measured: forward BLOCK_M 128 16544-16672 B, dK/dV BLOCK_M 64 15552-15584
+    B, dQ BLOCK_M 64 16576 B, at D 64 and 128): 17 KB.
     """
     e, d = elem_bytes, head_dim
     stages = max(int(num_stages), 1)
@@ -135,7 +146,7 @@ def smem_estimate(kernel: str, block_m: int, block_n: int, head_dim: int, num_st
         rows = 0
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
-    ws = block_m * 128 + 1024 if warp_spec else 0
+    ws = 17 * 1024 if warp_spec else 0
     return resident + stages * piped + rows + ws + SMEM_SLACK_BYTES
 
 

@@ -2,6 +2,13 @@
 the sink partial sums, a key-major dK/dV kernel (each program owns a key block and walks the query blocks of
 every query head of its GQA group), and a query-major dQ kernel. With the forward's LSE (sink included) the
 usual flash backward is unchanged; the sink gradient is dsink_h = -sum_{b,i} exp(s_h - LSE_bhi) * delta_bhi.
+
+Opt-in load path (SINKFREE_ATTN_TMA=1, dense only, as in the forward): the launcher passes host tensor
+descriptors of q, k, v, dO over their 4-D (B, H, S, D) shapes; configs with USE_TMA load K, V (once per dK/dV
+program, per key block in dQ) and Q, dO (per query block in dK/dV, once in dQ) by TMA, zero-filled past S per
+head. LSE and delta stay pointer loads (masked past Sq: LSE +inf gives P = 0 there), masks are unchanged.
+WARP_SPEC walks the query blocks of all heads of the group (dK/dV), resp. the key blocks (dQ), in a single
+warp-specialized loop, masked throughout when causal (Triton 3.6 on sm_90 fails on a second loop).
 """
 
 import triton
@@ -9,16 +16,29 @@ import triton.language as tl
 
 from ._common import (causal_full_end, causal_key_end, causal_query_range, head_base, key_program, key_tile_end,
                       load_rows_f32, query_program, row_major_ptrs, row_program, store_dkdv, store_rows, tile_list,
-                      transposed_ptrs, visible)
-from ._tuning import EVEN_HEURISTICS, make_configs, make_pruner
+                      tma_rows, transposed_ptrs, visible)
+from ._tuning import EVEN_HEURISTICS, make_configs, make_pruner, make_tma_configs, with_tma_configs
 
 # the first config the pruning keeps is the untuned default (SINKFREE_AUTOTUNE=0); the pruning drops configs whose
 # estimated shared memory exceeds the device (_tuning.smem_estimate: sparse tiles walked in smaller blocks multiply it)
-DKDV_CONFIGS = make_configs([(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3),
-                             (128, 128, 8, 2)])
-DQ_CONFIGS = make_configs([(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)])
+DKDV_POINTER_CONFIGS = make_configs([(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3),
+                                     (32, 64, 4, 3), (128, 128, 8, 2)])
+DQ_POINTER_CONFIGS = make_configs([(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
+                                   (64, 32, 4, 3)])
+# (BLOCK_M, BLOCK_N, warps, stages, warp_specialize) of the descriptor path (SINKFREE_ATTN_TMA=1/only; the pruning
+# keeps them only for dense launches with descriptors)
+# Warp specialization (Triton 3.6, sm_90): a producer warp group plus two 4-warp consumers that split the dots' M
+# (the key rows in dK/dV, the query rows in dQ) into 64-row halves; at M = 64 both consumers compute the whole
+# block (duplicated tensor work), so only M = 128 is worth listing. dQ at BLOCK_M 128 fails to compile
+# (NVGPUWarpSpecialization: "PassManager::run failed"), so dQ has no WS config; its WARP_SPEC branch stays for
+# forced runs and a later Triton.
+DKDV_TMA_CONFIGS = make_tma_configs([(64, 128, 8, 2, False), (64, 128, 8, 3, False), (64, 64, 4, 3, False),
+                                     (32, 64, 4, 3, False), (64, 128, 4, 2, True)])
+DQ_TMA_CONFIGS = make_tma_configs([(128, 64, 8, 2, False), (128, 64, 8, 3, False), (64, 64, 4, 3, False)])
+DKDV_CONFIGS = with_tma_configs(DKDV_POINTER_CONFIGS, DKDV_TMA_CONFIGS)
+DQ_CONFIGS = with_tma_configs(DQ_POINTER_CONFIGS, DQ_TMA_CONFIGS)
 
-_KEY = ["SEQ_KEY", "HEAD_DIM", "CAUSAL", "SPARSE", "TILE_M", "TILE_N", "HAS_KLEN", "ATOMIC_DQ"]
+_KEY = ["SEQ_KEY", "HEAD_DIM", "CAUSAL", "SPARSE", "TILE_M", "TILE_N", "HAS_KLEN", "ATOMIC_DQ", "HAS_DESC"]
 _EVEN = EVEN_HEURISTICS
 
 
@@ -47,21 +67,28 @@ def _bwd_preprocess(Out, DO, Lse, DLse, Sink, Delta, DSinkPart,
 def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, start_m, offs_m, offs_n, offs_d,
                 Sq, kend, off, qk_scale, sm_scale, sqm, sdom, sgqm,
                 MASK: tl.constexpr, CAUSAL: tl.constexpr, LOAD_M: tl.constexpr, PREC: tl.constexpr,
-                ATOMIC_DQ: tl.constexpr):
+                ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr = False, DescQ=None, DescDO=None, b=0, h=0,
+                BLOCK_M: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 0):
     """Accumulate one BLOCK_M slice of queries into the dK, dV of this key block (transposed scores); with
     ATOMIC_DQ also add this block's share of dQ into an fp32 buffer (5 matmuls instead of 7, not bitwise
-    reproducible)."""
+    reproducible). USE_TMA: Q and dO of head (b, h) by descriptor loads (rows past Sq zero-filled, as the
+    LOAD_M mask would)."""
     rows = start_m + offs_m
     q_ptrs = q_base + rows[:, None] * sqm + offs_d[None, :]
     do_ptrs = do_base + rows[:, None] * sdom + offs_d[None, :]
-    if LOAD_M:
+    if USE_TMA:
+        q = tma_rows(DescQ, b, h, start_m, BLOCK_M, HEAD_DIM)
+        do = tma_rows(DescDO, b, h, start_m, BLOCK_M, HEAD_DIM)
+    elif LOAD_M:
         q = tl.load(q_ptrs, mask=rows[:, None] < Sq, other=0.0)
         do = tl.load(do_ptrs, mask=rows[:, None] < Sq, other=0.0)
-        lse = tl.load(lse_base + rows, mask=rows < Sq, other=float("inf"))
-        delta = tl.load(delta_base + rows, mask=rows < Sq, other=0.0)
     else:
         q = tl.load(q_ptrs)
         do = tl.load(do_ptrs)
+    if LOAD_M:
+        lse = tl.load(lse_base + rows, mask=rows < Sq, other=float("inf"))
+        delta = tl.load(delta_base + rows, mask=rows < Sq, other=0.0)
+    else:
         lse = tl.load(lse_base + rows)
         delta = tl.load(delta_base + rows)
     # rows that saw no key (LSE -inf) must give P = 0: treat their LSE as +inf
@@ -81,23 +108,41 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, st
     return dk, dv
 
 
+@triton.jit
+def _group_head(Q, DO, Lse, Delta, DQAcc, b, hk, g, H, GROUP, Sq, sqb, sqh, sdob, sdoh, sqab, sqah):
+    """Query head g of kv head hk's GQA group: (h, Q, dO and dQ-accumulator bases, LSE and delta rows)."""
+    h = hk * GROUP + g
+    bh = b * H + h
+    return (h, head_base(Q, b, h, sqb, sqh), head_base(DO, b, h, sdob, sdoh), Lse + bh.to(tl.int64) * Sq,
+            Delta + bh.to(tl.int64) * Sq, head_base(DQAcc, b, h, sqab, sqah))
+
+
 @triton.autotune(configs=DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": make_pruner("dkdv")},
                  reset_to_zero=["DQAcc"])
 @triton.heuristics(_EVEN)
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, Lse, Delta, DK, DV, DQAcc, KIdx, KCnt, KLen,
+    Q, K, V, DO, Lse, Delta, DK, DV, DQAcc, KIdx, KCnt, KLen, DescQ, DescK, DescV, DescDO,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sgb, sgh, sgn, sqab, sqah, sqam,
     sib, sih, siq, scb, sch,
     H, HKV, GROUP, Sq, Sk, qk_scale, sm_scale, SEQ_KEY,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr, HAS_KLEN: tl.constexpr,
     TILE_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    HAS_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    USE_TMA: tl.constexpr = False, WARP_SPEC: tl.constexpr = False,
 ):
+    # DescQ/K/V/DO: tensor descriptors of q, k, v, dO when HAS_DESC (else the tensors again, unused); USE_TMA (a
+    # config flag, only with HAS_DESC on dense launches) loads through them
+    tl.static_assert(not USE_TMA or (HAS_DESC and not SPARSE))
+    tl.static_assert(not WARP_SPEC or USE_TMA)
     pid_bh, b, hk, n0, offs_n, offs_m, offs_d = key_program(HKV, BLOCK_M, BLOCK_N, HEAD_DIM)
     k_ptrs = row_major_ptrs(head_base(K, b, hk, skb, skh), offs_n, skn, offs_d)
     v_ptrs = row_major_ptrs(head_base(V, b, hk, svb, svh), offs_n, svn, offs_d)
-    if EVEN_N:
+    if USE_TMA:
+        k = tma_rows(DescK, b, hk, n0, BLOCK_N, HEAD_DIM)
+        v = tma_rows(DescV, b, hk, n0, BLOCK_N, HEAD_DIM)
+    elif EVEN_N:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
     else:
@@ -109,46 +154,65 @@ def _attn_bwd_dkdv(
     kt = n0 // TILE_N
     kend = key_tile_end(KLen, kt, Sk, TILE_N, HAS_KLEN)
 
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
-        bh = b * H + h
-        q_base = head_base(Q, b, h, sqb, sqh)
-        do_base = head_base(DO, b, h, sdob, sdoh)
-        lse_base = Lse + bh.to(tl.int64) * Sq
-        delta_base = Delta + bh.to(tl.int64) * Sq
-        dq_base = head_base(DQAcc, b, h, sqab, sqah)
-        if SPARSE:
-            idx_ptr, cnt = tile_list(KIdx, KCnt, b, h, kt, sib, sih, siq, scb, sch)
-            for t in range(0, cnt):
-                qt = tl.load(idx_ptr + t)
-                for sub in tl.static_range(TILE_M // BLOCK_M):
-                    dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
-                                         qt * TILE_M + sub * BLOCK_M, offs_m, offs_n, offs_d, Sq, kend, off,
-                                         qk_scale, sm_scale, sqm, sdom, sqam, CAUSAL or HAS_KLEN, CAUSAL,
-                                         not EVEN_M, PREC, ATOMIC_DQ)
-        else:
-            lo = 0
-            mid = 0
-            if CAUSAL:
-                lo, mid = causal_query_range(n0, off, BLOCK_M, BLOCK_N)
-                for start_m in range(lo, tl.minimum(mid, Sq), BLOCK_M):
+    if WARP_SPEC:
+        # one warp-specialized loop over (query head of the group, query block), masked throughout when causal:
+        # Triton 3.6's sm_90 warp specialization fails on a kernel with a second loop after the specialized one
+        lo = 0
+        if CAUSAL:
+            lo, _ = causal_query_range(n0, off, BLOCK_M, BLOCK_N)
+        n_m = tl.cdiv(Sq - lo, BLOCK_M)
+        for it in tl.range(0, GROUP * n_m, warp_specialize=True):
+            g = it // n_m
+            h, q_base, do_base, lse_base, delta_base, dq_base = _group_head(
+                Q, DO, Lse, Delta, DQAcc, b, hk, g, H, GROUP, Sq, sqb, sqh, sdob, sdoh, sqab, sqah)
+            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+                                 lo + (it - g * n_m) * BLOCK_M, offs_m, offs_n, offs_d, Sq, kend, off, qk_scale,
+                                 sm_scale, sqm, sdom, sqam, CAUSAL, CAUSAL, not EVEN_M, PREC, ATOMIC_DQ,
+                                 USE_TMA, DescQ, DescDO, b, h, BLOCK_M, HEAD_DIM)
+    else:
+        for g in range(0, GROUP):
+            h, q_base, do_base, lse_base, delta_base, dq_base = _group_head(
+                Q, DO, Lse, Delta, DQAcc, b, hk, g, H, GROUP, Sq, sqb, sqh, sdob, sdoh, sqab, sqah)
+            if SPARSE:
+                idx_ptr, cnt = tile_list(KIdx, KCnt, b, h, kt, sib, sih, siq, scb, sch)
+                for t in range(0, cnt):
+                    qt = tl.load(idx_ptr + t)
+                    for sub in tl.static_range(TILE_M // BLOCK_M):
+                        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+                                             qt * TILE_M + sub * BLOCK_M, offs_m, offs_n, offs_d, Sq, kend, off,
+                                             qk_scale, sm_scale, sqm, sdom, sqam, CAUSAL or HAS_KLEN, CAUSAL,
+                                             not EVEN_M, PREC, ATOMIC_DQ)
+            else:
+                lo = 0
+                mid = 0
+                if CAUSAL:
+                    lo, mid = causal_query_range(n0, off, BLOCK_M, BLOCK_N)
+                    for start_m in range(lo, tl.minimum(mid, Sq), BLOCK_M):
+                        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+                                             start_m, offs_m, offs_n, offs_d, Sq, kend, off, qk_scale, sm_scale,
+                                             sqm, sdom, sqam, True, True, not EVEN_M, PREC, ATOMIC_DQ,
+                                             USE_TMA, DescQ, DescDO, b, h, BLOCK_M, HEAD_DIM)
+                for start_m in range(mid, Sq, BLOCK_M):
                     dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, start_m,
                                          offs_m, offs_n, offs_d, Sq, kend, off, qk_scale, sm_scale, sqm, sdom,
-                                         sqam, True, True, not EVEN_M, PREC, ATOMIC_DQ)
-            for start_m in range(mid, Sq, BLOCK_M):
-                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, start_m,
-                                     offs_m, offs_n, offs_d, Sq, kend, off, qk_scale, sm_scale, sqm, sdom,
-                                     sqam, False, CAUSAL, not EVEN_M, PREC, ATOMIC_DQ)
+                                         sqam, False, CAUSAL, not EVEN_M, PREC, ATOMIC_DQ,
+                                         USE_TMA, DescQ, DescDO, b, h, BLOCK_M, HEAD_DIM)
 
     store_dkdv(DK, DV, dk * sm_scale, dv, b, hk, offs_n, offs_d, sgb, sgh, sgn, Sk, EVEN_N)
 
 
 @triton.jit
 def _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, Sk, kend, off, qk_scale,
-              skn, svn, MASK: tl.constexpr, CAUSAL: tl.constexpr, LOAD_N: tl.constexpr, PREC: tl.constexpr):
-    """Accumulate one BLOCK_N slice of keys into dQ of this query block."""
+              skn, svn, MASK: tl.constexpr, CAUSAL: tl.constexpr, LOAD_N: tl.constexpr, PREC: tl.constexpr,
+              USE_TMA: tl.constexpr = False, DescK=None, DescV=None, b=0, hk=0, BLOCK_N: tl.constexpr = 0,
+              HEAD_DIM: tl.constexpr = 0):
+    """Accumulate one BLOCK_N slice of keys into dQ of this query block. USE_TMA: K and V of head (b, hk) by
+    descriptor loads (rows past Sk zero-filled, as the LOAD_N mask would)."""
     cols = start_n + offs_n
-    if LOAD_N:
+    if USE_TMA:
+        kT = tma_rows(DescK, b, hk, start_n, BLOCK_N, HEAD_DIM).T
+        vT = tma_rows(DescV, b, hk, start_n, BLOCK_N, HEAD_DIM).T
+    elif LOAD_N:
         kT = tl.load(k_ptrs + start_n * skn, mask=cols[None, :] < Sk, other=0.0)
         vT = tl.load(v_ptrs + start_n * svn, mask=cols[None, :] < Sk, other=0.0)
     else:
@@ -168,25 +232,34 @@ def _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, S
 @triton.heuristics(_EVEN)
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, Lse, Delta, DQ, QIdx, QCnt, KLen,
+    Q, K, V, DO, Lse, Delta, DQ, QIdx, QCnt, KLen, DescQ, DescK, DescV, DescDO,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sgb, sgh, sgm,
     sib, sih, siq, scb, sch,
     H, GROUP, Sq, Sk, qk_scale, sm_scale, SEQ_KEY,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr, HAS_KLEN: tl.constexpr,
-    TILE_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr,
+    TILE_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr, HAS_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    USE_TMA: tl.constexpr = False, WARP_SPEC: tl.constexpr = False,
 ):
+    # descriptors as in _attn_bwd_dkdv
+    tl.static_assert(not USE_TMA or (HAS_DESC and not SPARSE))
+    tl.static_assert(not WARP_SPEC or USE_TMA)
     pid_bh, b, h, hk, _, m0, offs_m, offs_n, offs_d = query_program(H, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM)
     q_ptrs = row_major_ptrs(head_base(Q, b, h, sqb, sqh), offs_m, sqm, offs_d)
     do_ptrs = row_major_ptrs(head_base(DO, b, h, sdob, sdoh), offs_m, sdom, offs_d)
-    if EVEN_M:
+    if USE_TMA:
+        q = tma_rows(DescQ, b, h, m0, BLOCK_M, HEAD_DIM)
+        do = tma_rows(DescDO, b, h, m0, BLOCK_M, HEAD_DIM)
+    elif EVEN_M:
         q = tl.load(q_ptrs)
         do = tl.load(do_ptrs)
-        lse = tl.load(Lse + pid_bh.to(tl.int64) * Sq + offs_m)
-        delta = tl.load(Delta + pid_bh.to(tl.int64) * Sq + offs_m)
     else:
         q = tl.load(q_ptrs, mask=offs_m[:, None] < Sq, other=0.0)
         do = tl.load(do_ptrs, mask=offs_m[:, None] < Sq, other=0.0)
+    if EVEN_M:
+        lse = tl.load(Lse + pid_bh.to(tl.int64) * Sq + offs_m)
+        delta = tl.load(Delta + pid_bh.to(tl.int64) * Sq + offs_m)
+    else:
         lse = tl.load(Lse + pid_bh.to(tl.int64) * Sq + offs_m, mask=offs_m < Sq, other=float("inf"))
         delta = tl.load(Delta + pid_bh.to(tl.int64) * Sq + offs_m, mask=offs_m < Sq, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
@@ -204,6 +277,15 @@ def _attn_bwd_dq(
                 dq = _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, kt * TILE_N + sub * BLOCK_N, offs_m,
                                offs_n, Sk, kend, off, qk_scale, skn, svn, CAUSAL or HAS_KLEN, CAUSAL,
                                not EVEN_N, PREC)
+    elif WARP_SPEC:
+        # one warp-specialized loop over every key block, masked throughout when causal (see _attn_fwd)
+        hi = Sk
+        if CAUSAL:
+            hi = causal_key_end(m0, off, Sk, BLOCK_M)
+        for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+            dq = _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, Sk, Sk, off,
+                           qk_scale, skn, svn, CAUSAL, CAUSAL, False, PREC, USE_TMA, DescK, DescV, b, hk,
+                           BLOCK_N, HEAD_DIM)
     else:
         # keys past Sk load as zeros and add nothing to dQ, so only the causal diagonal needs a mask
         hi = Sk
@@ -213,10 +295,12 @@ def _attn_bwd_dq(
             hi = causal_key_end(m0, off, Sk, BLOCK_M)
         for start_n in range(0, full_end, BLOCK_N):
             dq = _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, Sk, Sk, off,
-                           qk_scale, skn, svn, False, CAUSAL, not EVEN_N, PREC)
+                           qk_scale, skn, svn, False, CAUSAL, not EVEN_N, PREC, USE_TMA, DescK, DescV, b, hk,
+                           BLOCK_N, HEAD_DIM)
         for start_n in range(full_end, hi, BLOCK_N):
             dq = _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, Sk, Sk, off,
-                           qk_scale, skn, svn, True, CAUSAL, not EVEN_N, PREC)
+                           qk_scale, skn, svn, True, CAUSAL, not EVEN_N, PREC, USE_TMA, DescK, DescV, b, hk,
+                           BLOCK_N, HEAD_DIM)
 
     dq = dq * sm_scale
     store_rows(row_major_ptrs(head_base(DQ, b, h, sgb, sgh), offs_m, sgm, offs_d), dq, offs_m, Sq, EVEN_M)

@@ -18,26 +18,16 @@ import triton.language as tl
 from ._common import (causal_full_end, causal_key_end, head_base, key_tile_end, query_program, row_major_ptrs, sink_start,
                       softmax_step, store_out_lse, tile_list, transposed_ptrs, visible)
 from ._tuning import EVEN_HEURISTICS, make_configs, make_pruner, make_tma_configs, with_tma_configs
+from ._tuning import tma_block_shapes  # noqa: F401  (the descriptor configs' pre_hook; tests import it from here)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-
-def tma_block_shapes(nargs):
-    """Config pre_hook of the descriptor configs: the TMA box of each descriptor is one (BLOCK, HEAD_DIM) block
-    of one head."""
-    d = nargs["HEAD_DIM"]
-    nargs["DescQ"].block_shape = [1, 1, nargs["BLOCK_M"], d]
-    nargs["DescK"].block_shape = [1, 1, nargs["BLOCK_N"], d]
-    nargs["DescV"].block_shape = [1, 1, nargs["BLOCK_N"], d]
-
-
 FWD_POINTER_CONFIGS = make_configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)])
 # (BLOCK_M, BLOCK_N, warps, stages, warp_specialize); the pruning keeps them only for dense launches with descriptors
 FWD_TMA_CONFIGS = make_tma_configs([(128, 64, 8, 3, False), (128, 128, 8, 2, False), (128, 64, 4, 3, False),
-                                    (128, 64, 4, 3, True), (128, 64, 4, 2, True), (128, 128, 4, 2, True)],
-                                   pre_hook=tma_block_shapes)
+                                    (128, 64, 4, 3, True), (128, 64, 4, 2, True), (128, 128, 4, 2, True)])
 FWD_CONFIGS = with_tma_configs(FWD_POINTER_CONFIGS, FWD_TMA_CONFIGS)
 
 

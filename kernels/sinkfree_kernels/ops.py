@@ -58,8 +58,9 @@ def _tma_ok(t):
 
 
 def _tma_descs(*tensors):
-    """Host tensor descriptors of q, k, v over their 4-D shapes (block shapes set by the configs' pre_hook), or
-    None: SINKFREE_ATTN_TMA off, an old Triton, or a tensor TMA cannot read (then every launch uses pointers)."""
+    """Host tensor descriptors of q, k, v (the backward: and dO) over their 4-D shapes (block shapes set by the
+    configs' pre_hook), or None: SINKFREE_ATTN_TMA off, an old Triton, or a tensor TMA cannot read (then every
+    launch uses pointers)."""
     if tma_mode() == "0" or not all(_tma_ok(t) for t in tensors):
         return None
     try:
@@ -197,8 +198,13 @@ def _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, deterministic,
               else torch.empty(1, dtype=torch.float32, device=q.device))
     acc_strides = (dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2)) if not deterministic else (0, 0, 0)
 
+    # one set of descriptors for both kernels (each config's pre_hook sets the block shapes before its launch)
+    descs = None if sparse else _tma_descs(q, k, v, dout)
+    common["HAS_DESC"] = descs is not None
+    descs = descs or (q, k, v, dout)
+
     _attn_bwd_dkdv[_grid(sk, "BLOCK_N", b * hkv)](
-        q, k, v, dout, lse, delta, dk, dv, dq_acc, kidx, kcnt, klen_t,
+        q, k, v, dout, lse, delta, dk, dv, dq_acc, kidx, kcnt, klen_t, *descs,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), *acc_strides, *strides_k,
@@ -208,7 +214,7 @@ def _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, deterministic,
         return dq_acc.to(q.dtype), dk, dv, dsink
 
     _attn_bwd_dq[_grid(sq, "BLOCK_M", b * hq)](
-        q, k, v, dout, lse, delta, dq, idx, cnt, klen_t,
+        q, k, v, dout, lse, delta, dq, idx, cnt, klen_t, *descs,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), *strides_q,

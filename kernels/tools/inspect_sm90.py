@@ -19,8 +19,8 @@ pruned configs are listed but not compiled unless --all-configs.
 Usage (from the repo root):
     python kernels/tools/inspect_sm90.py --kernels sage8 flash gated_norm --head-dims 64 128
     python kernels/tools/inspect_sm90.py --kernels sage8 --head-dims 128 --causal 0 --no-sparse --json out.json
---tma sets SINKFREE_ATTN_TMA=1 before the kernels are imported: the dense forward's tensor-descriptor (TMA)
-configs join its list and the recorded launches carry host descriptors (rows "tma" / "tma+ws", notes count the
+--tma sets SINKFREE_ATTN_TMA=1 before the kernels are imported: the tensor-descriptor (TMA) configs of the
+dense forward and backward (_attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq) join their lists and the recorded launches carry host descriptors (rows "tma" / "tma+ws", notes count the
 TMA loads and flag warp-specialized compiles).
 Kernel groups: flash (_attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess), sage8 (_sage8_fwd with and
 without V_SPLIT, _sage8_bwd_dkdv, _sage8_bwd_dq), quant (_quant_tokens_int8, _quant_channels_fp8),
@@ -470,8 +470,8 @@ def main(argv=None):
     ap.add_argument("--dump-dir", help="also write each compile's TTGIR and PTX there")
     ap.add_argument("--only", nargs="+", help="kernel names to keep (e.g. _attn_fwd)")
     ap.add_argument("--variants", nargs="+", help="row variants to keep (e.g. tma tma+ws bf16)")
-    ap.add_argument("--tma", action="store_true", help="SINKFREE_ATTN_TMA=1: add the dense forward's "
-                    "tensor-descriptor configs (launches get descriptors; sparse ones keep pointers)")
+    ap.add_argument("--tma", action="store_true", help="SINKFREE_ATTN_TMA=1: add the dense forward's and "
+                    "backward's tensor-descriptor configs (launches get descriptors; sparse ones keep pointers)")
     a = ap.parse_args(argv)
     global DUMP_DIR
     if a.dump_dir:
