@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks the open issues need, as named stages, each capped in time and logging to
+# $OUT/<stage>.log (JSON next to it). Run from the repository root on one H100/H200 with sinkfree importable
+# (pip install -e . or PYTHONPATH=$PWD:$PWD/kernels):
+#   OUT=gpu-logs bash .ci/gpu-check.sh tests bench-attn-tma bench-sage8      # ~8 minutes
+#   OUT=gpu-logs bash .ci/gpu-check.sh bench-lm bench-vsa                    # ~7 minutes
+#   OUT=gpu-logs bash .ci/gpu-check.sh ab-vsa:dense ab-vsa:dense2            # one arm per stage (≤ 590 s each)
+#   OUT=gpu-logs bash .ci/gpu-check.sh ab-vsa:vsa ab-vsa:compare
+#   OUT=gpu-logs bash .ci/gpu-check.sh ab-sage8:bf16 ab-sage8:bf16-2 ab-sage8:sage8 ab-sage8:compare
+# Arms of one A/B may also run at once on a large card: start several invocations in the background.
+# Compare figures only within one stage's log: each stage runs its baselines in the same process or call.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-logs}
+mkdir -p "$OUT"
+sf() { python3 -c "import sys; from sinkfree.cli import main; sys.exit(main())" "$@"; }
+
+stage() {  # stage NAME SECONDS COMMAND...: run with a time cap, log, and print the log's tail
+    local name=$1 cap=$2
+    shift 2
+    echo "== $name (cap ${cap}s) $(date +%T)"
+    timeout "$cap" "$@" > "$OUT/$name.log" 2>&1
+    echo "   exit $? $(date +%T)"
+    tail -n 15 "$OUT/$name.log"
+}
+export -f sf
+
+for s in "$@"; do
+    case $s in
+    tests)  # kernel correctness in bf16 at real sizes (untuned: one config per kernel, plus each forced config)
+        stage tests 330 python3 -m pytest -q -p no:cacheprovider -m gpu -rf \
+            tests/test_kernels_gpu.py tests/test_sage8_gpu.py tests/test_gated_norm_kernel.py \
+            tests/test_compile_gpu.py tests/test_bench_accuracy.py ;;
+    bench-attn-tma)  # issue 3: pointer configs vs TMA-only configs (the env var is read at import)
+        stage attn-pointer 150 bash -c "sf bench attention --sections dense --modes fwd fwd+bwd \
+            --providers cudnn flex+sink flash flash+sink --json $OUT/attn-pointer.json"
+        stage attn-tma 200 bash -c "SINKFREE_ATTN_TMA=only TRITON_PRINT_AUTOTUNING=1 sf bench attention \
+            --sections dense --modes fwd fwd+bwd --providers cudnn flash flash+sink --json $OUT/attn-tma.json" ;;
+    bench-sparse)  # issue 3 / 6: block-sparse 64 and 128 tiles vs the vsa package and FlexAttention
+        stage attn-sparse 240 bash -c "sf bench attention --sections sparse --json $OUT/attn-sparse.json" ;;
+    bench-sage8)  # issue 7: accuracy against fp64, then speed with quantisation inside the timed region
+        stage sage8-accuracy 200 bash -c "sf bench accuracy --sink --shapes 1x4x4096x128 1x4x4096x64:causal \
+            1x4x16384x128:causal --json $OUT/sage8-accuracy.json"
+        stage sage8-speed 200 bash -c "TRITON_PRINT_AUTOTUNING=1 sf bench attention --sections dense \
+            --modes fwd fwd+bwd --dense-shapes 1x16x16384x128 1x16x16384x128:causal 2x16x8192x64:causal \
+            --providers cudnn flash+sink 'sage8+sink' 'sage8+sink v_split' 'sage8-infer+sink' \
+            'sage8-infer+sink kernel-only' --json $OUT/sage8-speed.json" ;;
+    bench-lm)  # issue 2: the gated recipe's tokens/s against the baseline, one process
+        stage lm 420 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
+            --steps 300 --skip 50 --json $OUT/lm.json" ;;
+    bench-vsa)  # issue 6: full VSA vs dense at 32768 tokens, and a dit-video-b training step
+        stage vsa 240 bash -c "sf bench vsa --model dit-video-b --json $OUT/vsa.json" ;;
+    ab-vsa:dense|ab-vsa:dense2|ab-vsa:vsa)  # issue 6 quality: 4096-token grid, 3000 steps per arm (~3-5 min each)
+        arm=${s#ab-vsa:}
+        common="--data.size 32 --trainer.enable_progress_bar=false --trainer.logger.init_args.save_dir $OUT/runs"
+        case $arm in
+        dense) args="--config recipes/dit/video-dense.yaml $common" ;;
+        dense2) args="--config recipes/dit/video-dense.yaml $common --seed_everything 2 \
+                    --trainer.logger.init_args.name video-dense-seed2" ;;
+        vsa) args="--config recipes/dit/video-vsa.yaml $common" ;;
+        esac
+        stage "ab-vsa-$arm" 590 bash -c "sf fit $args" ;;
+    ab-vsa:compare)
+        stage ab-vsa-compare 60 bash -c "sf compare $OUT/runs/video-dense $OUT/runs/video-dense-seed2 \
+            $OUT/runs/video-vsa --labels dense dense-s2 vsa --seed-pair 0 1 --tolerance 0 --max-rel 0.03 \
+            --out $OUT/compare-vsa --json $OUT/compare-vsa.json" ;;
+    ab-sage8:bf16|ab-sage8:bf16-2|ab-sage8:sage8)  # issue 7 quality: 125m-sink-logit (qk_norm), 64k tokens/step
+        arm=${s#ab-sage8:}
+        common="--config recipes/llm/125m-sink-logit.yaml --trainer.max_steps 1000 --data.batch_size 32 \
+            --model.warmup_steps 100 --trainer.val_check_interval 250 --trainer.enable_progress_bar=false \
+            --trainer.logger.init_args.save_dir $OUT/runs"
+        case $arm in
+        bf16) args="$common --model.arch.attn_backend flash --trainer.logger.init_args.name ab-bf16" ;;
+        bf16-2) args="$common --model.arch.attn_backend flash --seed_everything 2 \
+                    --trainer.logger.init_args.name ab-bf16-seed2" ;;
+        sage8) args="$common --model.arch.attn_backend sage8 --trainer.logger.init_args.name ab-sage8" ;;
+        esac
+        stage "ab-sage8-$arm" 590 bash -c "sf fit $args" ;;
+    ab-sage8:compare)
+        stage ab-sage8-compare 60 bash -c "sf compare $OUT/runs/ab-bf16 $OUT/runs/ab-bf16-seed2 $OUT/runs/ab-sage8 \
+            --labels bf16 bf16-s2 sage8 --seed-pair 0 1 --out $OUT/compare-sage8 --json $OUT/compare-sage8.json" ;;
+    *) echo "unknown stage $s: tests bench-attn-tma bench-sparse bench-sage8 bench-lm bench-vsa" \
+            "ab-vsa:{dense,dense2,vsa,compare} ab-sage8:{bf16,bf16-2,sage8,compare}"
+       exit 2 ;;
+    esac
+done
