@@ -48,6 +48,9 @@ for s in "$@"; do
     bench-lm)  # issue 2: the gated recipe's tokens/s against the baseline, one process
         stage lm 420 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
             --steps 300 --skip 50 --json $OUT/lm.json" ;;
+    bench-lm-autotune)  # issue 2: the same with Inductor's max-autotune GEMM templates (epilogue fusion)
+        stage lm-autotune 590 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
+            --steps 300 --skip 100 --set=--model.compile_mode=max-autotune-no-cudagraphs --json $OUT/lm-autotune.json" ;;
     bench-vsa)  # issue 6: full VSA vs dense at 32768 tokens, and a dit-video-b training step
         stage vsa 240 bash -c "sf bench vsa --model dit-video-b --json $OUT/vsa.json" ;;
     ab-vsa:dense|ab-vsa:dense2|ab-vsa:vsa)  # issue 6 quality: 4096-token grid, 3000 steps per arm (~3-5 min each)
@@ -79,7 +82,7 @@ for s in "$@"; do
     ab-sage8:compare)
         stage ab-sage8-compare 60 bash -c "sf compare $OUT/runs/ab-bf16 $OUT/runs/ab-bf16-seed2 $OUT/runs/ab-sage8 \
             --labels bf16 bf16-s2 sage8 --seed-pair 0 1 --out $OUT/compare-sage8 --json $OUT/compare-sage8.json" ;;
-    *) echo "unknown stage $s: tests bench-attn-tma bench-sparse bench-sage8 bench-lm bench-vsa" \
+    *) echo "unknown stage $s: tests bench-attn-tma bench-sparse bench-sage8 bench-lm bench-lm-autotune bench-vsa" \
             "ab-vsa:{dense,dense2,vsa,compare} ab-sage8:{bf16,bf16-2,sage8,compare}"
        exit 2 ;;
     esac

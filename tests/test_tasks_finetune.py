@@ -44,6 +44,25 @@ def test_no_sink_group_without_learnable_sinks_and_bad_scale_rejected():
         CausalLM(arch=BASE, sink_lr_scale=0.0)
 
 
+@pytest.mark.parametrize("compile,mode,match", [(True, "fastest", "compile_mode='fastest'.*allowed"),
+                                                 (False, "max-autotune", "needs model.compile: true")])
+def test_compile_mode_checked(compile, mode, match):
+    with pytest.raises(ValueError, match=match):
+        CausalLM(arch=BASE, compile=compile, compile_mode=mode)
+    from sinkfree.tasks.flow import RectifiedFlow
+
+    with pytest.raises(ValueError, match=match):
+        RectifiedFlow(compile=compile, compile_mode=mode)
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.update(kw))
+    task = CausalLM(arch=BASE, compile=True, compile_mode="max-autotune-no-cudagraphs")
+    task.configure_model()
+    assert seen == {"mode": "max-autotune-no-cudagraphs"}
+
+
 def test_trainable_new_trains_the_calibrated_sinks(tmp_path):
     torch.manual_seed(0)
     save_hf(LLM(BASE), tmp_path / "hf")

@@ -16,6 +16,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from sinkfree.attention.vsa import vsa_topk
 from sinkfree.models.dit import DiT, DiTConfig
+from sinkfree.tasks._compile import check_compile_mode, compile_in_place
 from sinkfree.tasks.lm import warmup_cosine
 
 
@@ -47,6 +48,7 @@ class RectifiedFlow(L.LightningModule):
         sample_dir: Optional[str] = None,
         fps: int = 8,
         compile: bool = False,
+        compile_mode: Optional[str] = None,
     ):
         """Build the task.
 
@@ -68,6 +70,8 @@ class RectifiedFlow(L.LightningModule):
             sample_dir: where samples go; None = the run folder's `samples/` (beside the checkpoint for predict).
             fps: frames per second of the written GIFs.
             compile: compile the model with torch.compile (in place, so checkpoint keys stay plain).
+            compile_mode: torch.compile mode when `compile` is on: default, reduce-overhead, max-autotune or
+                max-autotune-no-cudagraphs. None = default.
         """
         super().__init__()
         if isinstance(arch, dict):
@@ -77,6 +81,7 @@ class RectifiedFlow(L.LightningModule):
             raise ValueError(f"model.class_dropout={class_dropout} must be in [0, 1)")
         if t_logit_std <= 0:
             raise ValueError(f"model.t_logit_std={t_logit_std} must be positive")
+        check_compile_mode(compile, compile_mode)
         if sample_steps < 1:
             raise ValueError(f"model.sample_steps={sample_steps} must be at least 1")
         self.arch = arch
@@ -90,8 +95,7 @@ class RectifiedFlow(L.LightningModule):
         if self.model is not None:
             return
         self.model = DiT(self.arch)
-        if self.hparams.compile:
-            self.model.compile()
+        compile_in_place(self.model, self.hparams.compile, self.hparams.get("compile_mode"))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Velocity (B, C, T, H, W) at x (B, C, T, H, W), t (B,)."""

@@ -16,6 +16,7 @@ from torchmetrics.text import Perplexity
 
 from sinkfree.models.generate import generate
 from sinkfree.models.llm import LLM, LLMConfig
+from sinkfree.tasks._compile import check_compile_mode, compile_in_place
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -43,6 +44,7 @@ class CausalLM(L.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         compile: bool = False,
+        compile_mode: Optional[str] = None,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -66,6 +68,9 @@ class CausalLM(L.LightningModule):
             warmup_steps: linear warmup steps before the cosine decay.
             min_lr_ratio: final learning rate as a fraction of `lr` at the end of the cosine.
             compile: compile the model with torch.compile (in place, so checkpoint keys stay plain).
+            compile_mode: torch.compile mode when `compile` is on: default, reduce-overhead, max-autotune or
+                max-autotune-no-cudagraphs (Triton GEMM templates whose epilogues can absorb the elementwise
+                work after small matmuls, e.g. GatedNorm's gate; slower to compile). None = default.
             max_new_tokens: `predict` only: tokens to generate per prompt.
             temperature: `predict` only: 0 for greedy decoding, > 0 for sampling.
             top_p: `predict` only: nucleus sampling threshold in (0, 1].
@@ -78,6 +83,7 @@ class CausalLM(L.LightningModule):
             raise ValueError(f"model.trainable={trainable!r} is not allowed; use 'all' or 'new'")
         if trainable == "new" and not init_from:
             raise ValueError("model.trainable='new' needs model.init_from (a checkpoint to add parameters to)")
+        check_compile_mode(compile, compile_mode)
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"model.top_p={top_p} must be in (0, 1]")
         if not sink_lr_scale > 0:
@@ -120,8 +126,7 @@ class CausalLM(L.LightningModule):
                     p.requires_grad_(name in new_names)
         else:
             self.model = LLM(self.arch)
-        if self.hparams.compile:
-            self.model.compile()
+        compile_in_place(self.model, self.hparams.compile, self.hparams.get("compile_mode"))
 
     def setup(self, stage: str) -> None:
         """Check that the tokenizer fits the embedding table."""
