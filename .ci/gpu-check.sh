@@ -52,7 +52,8 @@ for s in "$@"; do
         stage lm-autotune 590 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
             --steps 300 --skip 100 --set=--model.compile_mode=max-autotune-no-cudagraphs --json $OUT/lm-autotune.json" ;;
     bench-vsa)  # issue 6: full VSA vs dense at 32768 tokens, and a dit-video-b training step
-        stage vsa 240 bash -c "sf bench vsa --model dit-video-b --json $OUT/vsa.json" ;;
+        stage vsa 240 bash -c "sf bench vsa --model dit-video-b --json $OUT/vsa.json"
+        stage vsa-compiled 400 bash -c "sf bench vsa --model dit-video-b --compile --json $OUT/vsa-compiled.json" ;;
     ab-vsa:dense|ab-vsa:dense2|ab-vsa:vsa)  # issue 6 quality: 4096-token grid, 3000 steps per arm (~3-5 min each)
         arm=${s#ab-vsa:}
         common="--data.size 32 --trainer.enable_progress_bar=false --trainer.logger.init_args.save_dir $OUT/runs"
