@@ -23,7 +23,8 @@ Other verbs:
   sinks       sink diagnostics: `sinks plot RUN_DIR`, `sinks probe --checkpoint X --data Y`
   convert     checkpoints: `convert from-hf`, `convert from-gguf`, `convert to-hf`
   tokenizer   `tokenizer train`: train a byte-level BPE tokenizer on local or embedded text
-  bench       benchmarks on a GPU: `bench attention`
+  bench       on a GPU: `bench attention` (kernels), `bench accuracy` (error vs fp64), `bench lm` (tokens/s, MFU),
+              `bench vsa` (VSA and a DiT training step)
   compare     A/B of runs' metrics.csv: `compare runs/a runs/a2 runs/b --seed-pair 0 1` -> table,
               PASS/FAIL against max(0.5%, 2 x seed gap), figure (val/loss and train loss vs step)
 
