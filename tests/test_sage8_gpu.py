@@ -3,13 +3,14 @@ references of `quant_reference.py` (skipped without CUDA). Kernel bugs only: the
 attention against fp32 is measured by `sinkfree bench accuracy` and tests/test_sage8_reference.py.
 
 Both sides quantize the same bf16 values the same way (INT8 Q and smoothed K per token, FP8 P per running-max
-key block, FP8 V and dO per channel, INT8 dS per row/column within BLOCK_N/BLOCK_M blocks). The reference
+key block, FP8 V per channel; in the backward INT8 dO per channel, INT8 P per key column and INT8 dS per
+row/column within BLOCK_M/BLOCK_N blocks). The reference
 emulates the block schedule the kernels ran: the BLOCK_N of `_sage8_fwd` and `_sage8_bwd_dq` and the BLOCK_M of
 `_sage8_bwd_dkdv` are read from the autotuners' chosen configs after each call (SINKFREE_AUTOTUNE=0 here, as in
 test_kernels_gpu.py: the first config the pruning keeps). What remains: rounding
 of the kernel's *outputs* (out, dq, dk, dv are bf16: ~1.6e-3 rms relative against the fp32 reference), fp32
-summation order and the GPU's approximate exp2/division, which move an occasional P across an e4m3 rounding
-boundary or a dS element across an INT8 boundary. Measured under the interpreter (fp16, S 512, these inputs):
+summation order and the GPU's approximate exp2/division, which move an occasional P across an e4m3 (forward)
+or INT8 (dV) rounding boundary or a dS element across an INT8 boundary. Measured under the interpreter (fp16, S 512, these inputs):
 kernel vs reference 2e-4 on out and every gradient, so ~2e-3 is expected here.
 
 TOL = 1e-2 (not the 2e-2 of test_kernels_gpu.py): with 2e-2 a kernel that skipped a quantization step could

@@ -1,6 +1,6 @@
 """Quantization kernels and in-register helpers of the 8-bit attention (sage8): per-token INT8 of Q and of
-mean-smoothed K (with the smoothing's per-row LSE correction), per-channel FP8 e4m3 of V and dO written
-K-major (transposed, [D, S]) as FP8 wgmma wants its B operand.
+mean-smoothed K (with the smoothing's per-row LSE correction), per-channel FP8 e4m3 of V and per-channel INT8
+of dO, both written K-major (transposed, [D, S]) as 8-bit wgmma wants its B operand.
 
 The same rounding is used by the fake-quant reference (`quant_reference.py`): INT8 = trunc(x*127/absmax
 +- 0.5), scale absmax/127, both divisions correctly rounded (`_rdiv`, not the GPU's approximate fp32 `/`);
@@ -52,14 +52,25 @@ def to_fp8(x, EXACT: tl.constexpr):
 
 
 @triton.jit
-def quant_rows_int8(a):
-    """(R, C) fp32 -> (int8 values, fp32 scale per row = absmax/127), rounding half away from zero."""
-    amax = tl.max(tl.abs(a), 1)
+def _round_int8(x):
+    """fp32 (already scaled into [-127, 127]) -> int8, rounding half away from zero (the +-0.5 may be fused with
+    the scaling product into an fma on the GPU: the same integer, see _rdiv)."""
+    return tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)
+
+
+@triton.jit
+def quant_rows_int8(a, NONNEG: tl.constexpr = False):
+    """(R, C) fp32 -> (int8 values, fp32 scale per row = absmax/127), rounding half away from zero. NONNEG: a >= 0
+    (probabilities): the same values without the abs and the sign select (x + 0.5 truncated)."""
+    if NONNEG:
+        amax = tl.max(a, 1)
+    else:
+        amax = tl.max(tl.abs(a), 1)
     inv = _rdiv(127.0, amax)
-    x = a * inv[:, None]
     scale = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))  # IEEE too (the reference's)
-    # (the +-0.5 may be fused with the product into an fma on the GPU: the same integer, see _rdiv)
-    return tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8), scale
+    if NONNEG:
+        return (a * inv[:, None] + 0.5).to(tl.int8), scale
+    return _round_int8(a * inv[:, None]), scale
 
 
 @triton.jit
@@ -88,19 +99,23 @@ def _quant_tokens_int8(
 
 
 @triton.jit
-def _quant_channels_fp8(
+def _quant_channels(
     X, Amax, X8, XLo, sxb, sxh, sxs, s8b, s8h, s8s, s8d, H, S,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, EXACT: tl.constexpr, HAS_LO: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, EXACT: tl.constexpr, HAS_LO: tl.constexpr, INT8: tl.constexpr,
 ):
-    """Per-channel FP8 of x (B, H, S, D): x8 = e4m3(y), y = x * 448 / Amax[b, h, d], stored through strides
-    (the launcher passes a [D, S] K-major buffer); HAS_LO also stores the residual e4m3(16 (y - x8)) in XLo
-    (same strides): y ~ x8 + lo / 16 to ~2^-8 relative (the `v_split` two-term V)."""
+    """Per-channel 8-bit x (B, H, S, D), stored through strides (the launcher passes a [D, S] K-major buffer).
+    FP8 (V; dO before INT8 dV): x8 = e4m3(y), y = x * 448 / Amax[b, h, d]; HAS_LO also stores the residual
+    e4m3(16 (y - x8)) in XLo (same strides): y ~ x8 + lo / 16 to ~2^-8 relative (the `v_split` two-term V).
+    INT8 (dO): x8 = round half away (x * 127 / Amax[b, h, d]), the scale Amax / 127 is the launcher's."""
     pid, bh, b, h, rows, d, inb = row_program(H, S, BLOCK, HEAD_DIM)
     x = load_rows_f32(X, b, h, sxb, sxh, sxs, rows, d, inb)
-    inv = _rdiv(448.0, tl.load(Amax + bh * HEAD_DIM + d))
-    y = x * inv[None, :]
-    x8 = to_fp8(y, EXACT)
+    amax = tl.load(Amax + bh * HEAD_DIM + d)
     offs = b.to(tl.int64) * s8b + h.to(tl.int64) * s8h + rows[:, None] * s8s + d[None, :] * s8d
-    tl.store(X8 + offs, x8, mask=inb[:, None])
-    if HAS_LO:
-        tl.store(XLo + offs, to_fp8((y - x8.to(tl.float32)) * 16.0, EXACT), mask=inb[:, None])
+    if INT8:
+        tl.store(X8 + offs, _round_int8(x * _rdiv(127.0, amax)[None, :]), mask=inb[:, None])
+    else:
+        y = x * _rdiv(448.0, amax)[None, :]
+        x8 = to_fp8(y, EXACT)
+        tl.store(X8 + offs, x8, mask=inb[:, None])
+        if HAS_LO:
+            tl.store(XLo + offs, to_fp8((y - x8.to(tl.float32)) * 16.0, EXACT), mask=inb[:, None])

@@ -3,7 +3,9 @@
 
 - S recomputed in INT8 from the forward's quantization (re-run on Q and K: cheap, and nothing 8-bit is kept
   alive between forward and backward); P = exp2(S2 - (LSE - c) log2e) with the smoothing correction c;
-- dV += e4m3(448 P)^T e4m3(dO) (dO per channel, K-major [D, Sq]), each block a fresh FP8 dot added in fp32;
+- dV += int8(P^T, one scale per key row of the block) int8(dO) (dO per channel, K-major [D, Sq]): both scales
+  lie along dV's output dims, so each block is a fresh INT8 dot, scaled per key row and added in fp32, and dO's
+  channel factor is applied once at the store (per block with GQA);
 - dP = dO V^T in the input dtype (bf16/fp16), fp32 accumulation; dS = P o (dP - delta);
 - dK += int8(dS^T * q_scale) q8, one scale per key row of the block (the per-token Q scale lies along
   this product's contraction, so it is folded into dS first); Q8 read from a K-major copy;
@@ -17,7 +19,7 @@ import triton.language as tl
 from ._common import (causal_full_end, causal_key_end, causal_query_range, head_base, key_program, key_tile_end, query_program,
                       row_major_ptrs, store_rows, tile_list, transposed_ptrs, visible)
 from ._tuning import EVEN_HEURISTICS, make_configs, make_pruner
-from .quant import quant_rows_int8, to_fp8
+from .quant import quant_rows_int8
 
 SAGE8_DKDV_CONFIGS = make_configs([(64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 2), (32, 128, 4, 3),
                                    (64, 64, 4, 3)])
@@ -27,15 +29,15 @@ _KEY = ["SEQ_KEY", "HEAD_DIM", "CAUSAL", "SPARSE", "TILE_M", "TILE_N", "HAS_KLEN
 
 
 # dK/dV register budget (sm_90, D 128, 64x128x8: 64 fp32 registers per BLOCK_N x D tile per thread). The dK and
-# dV accumulators alone take 128; every 8-bit dot adds a fresh BLOCK_N x D result (its scale is applied before the
-# fp32 add), and the per-query vectors of the transposed tiles (q scale, LSE, delta) cost 16 registers each. The
-# block is laid out to keep the peak under 255 (see NOTES.md, "dK/dV register pressure"):
+# dV accumulators alone take 128; every 8-bit dot adds a fresh BLOCK_N x D result (its per-row scale is applied
+# before the fp32 add), and the per-query vectors of the transposed tiles (q scale, LSE, delta) cost 16 registers
+# each. The block is laid out to keep the peak under 255 (see NOTES.md, "dK/dV register pressure"):
 # - dV is scaled by dO's per-channel factor once at the end when the program sees one head (GROUP == 1), not per
 #   block (a loop-invariant BLOCK_N x D broadcast, 32 registers); with GQA the factor differs per head, per block;
 # - the dK product is split in DK_SPLIT column halves at D >= 128 (BLOCK_N x D/2 int32 results, not BLOCK_N x D);
 # - each operand is loaded where it is first used (the pipeliner puts the shared-memory reads of the per-query
-#   vectors there too), P~ = e4m3(448 P) is made right after P, and both 8-bit dots run after dS is quantized
-#   (the fp32 P is dead by then);
+#   vectors there too), P's INT8 (per key row) is made right after P, and both 8-bit dots run after dS is
+#   quantized (the fp32 P is dead by then);
 # - the causal diagonal blocks are masked in the same loop (a uniform branch) instead of a second loop.
 
 
@@ -44,7 +46,7 @@ def _s8_dkdv_block(dk, dk_hi, dv, k8, ks, v, q8_base, q8t_base, qs_base, do_base
                    corr_base, dofac, start_m, mask_end, offs_m, offs_n, offs_d, offs_k, Sq, kend, off, qk_scale,
                    sqm, stm, std, sdom, s8m, s8d,
                    MASK: tl.constexpr, CAUSAL: tl.constexpr, LOAD_M: tl.constexpr, PREC: tl.constexpr,
-                   EXACT: tl.constexpr, HAS_CORR: tl.constexpr, DV_SCALE_IN_LOOP: tl.constexpr,
+                   HAS_CORR: tl.constexpr, DV_SCALE_IN_LOOP: tl.constexpr,
                    DK_SPLIT: tl.constexpr, DYN_MASK: tl.constexpr):
     """One BLOCK_M slice of queries into this key block's dK (two column halves dk, dk_hi when DK_SPLIT == 2),
     dV (transposed scores); MASK: the causal / key-length mask, with DYN_MASK only when start_m < mask_end."""
@@ -73,7 +75,8 @@ def _s8_dkdv_block(dk, dk_hi, dv, k8, ks, v, q8_base, q8t_base, qs_base, do_base
                 pT = tl.where(visible(offs_n[:, None], rows[None, :], kend, off, CAUSAL), pT, 0.0)
         else:
             pT = tl.where(visible(offs_n[:, None], rows[None, :], kend, off, CAUSAL), pT, 0.0)
-    p8 = to_fp8(pT * 448.0, EXACT)
+    # dV's P in INT8 with one scale per key row (max over this block's queries): dV's row dim, out of the dot
+    p8, psc = quant_rows_int8(pT, True)  # P >= 0: no abs, no sign select
     if LOAD_M:
         do = tl.load(do_base + rows[:, None] * sdom + offs_d[None, :], mask=inb[:, None], other=0.0)
         delta = tl.load(delta_base + rows, mask=inb, other=0.0)
@@ -85,13 +88,13 @@ def _s8_dkdv_block(dk, dk_hi, dv, k8, ks, v, q8_base, q8t_base, qs_base, do_base
     a8, sc = quant_rows_int8(dsT * qs[None, :])
     do8_ptrs = do8_base + rows[:, None] * s8m + offs_d[None, :] * s8d
     if LOAD_M:
-        do8 = tl.load(do8_ptrs, mask=inb[:, None], other=0.0)
+        do8 = tl.load(do8_ptrs, mask=inb[:, None], other=0)
     else:
         do8 = tl.load(do8_ptrs)
     if DV_SCALE_IN_LOOP:
-        dv += tl.dot(p8, do8) * dofac[None, :]
+        dv += tl.dot(p8, do8).to(tl.float32) * psc[:, None] * dofac[None, :]
     else:
-        dv += tl.dot(p8, do8)
+        dv += tl.dot(p8, do8).to(tl.float32) * psc[:, None]
     qt_ptrs = q8t_base + rows[:, None] * stm + offs_k[None, :] * std
     if LOAD_M:
         q8t = tl.load(qt_ptrs, mask=inb[:, None], other=0)
@@ -124,7 +127,7 @@ def _sage8_bwd_dkdv(
     H, HKV, GROUP, Sq, Sk, qk_scale, sm_scale, SEQ_KEY,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr, HAS_KLEN: tl.constexpr,
     HAS_CORR: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr,
-    EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr, DV_SCALE_IN_LOOP: tl.constexpr, DK_SPLIT: tl.constexpr,
 ):
     pid_bh, b, hk, n0, offs_n, offs_m, offs_d = key_program(HKV, BLOCK_M, BLOCK_N, HEAD_DIM)
@@ -147,7 +150,7 @@ def _sage8_bwd_dkdv(
     off = Sk - Sq
     kt = n0 // TILE_N
     kend = key_tile_end(KLen, kt, Sk, TILE_N, HAS_KLEN)
-    dofac = tl.zeros([HEAD_DIM], dtype=tl.float32)  # dO's per-channel factor, per head when DV_SCALE_IN_LOOP
+    dofac = tl.zeros([HEAD_DIM], dtype=tl.float32)  # dO's per-channel scale, per head when DV_SCALE_IN_LOOP
 
     for g in range(0, GROUP):
         h = hk * GROUP + g
@@ -171,7 +174,7 @@ def _sage8_bwd_dkdv(
                         dk, dk_hi, dv, k8, ks, v, q8_base, q8t_base, qs_base, do_base, do8_base, lse_base,
                         delta_base, corr_base, dofac, qt * TILE_M + sub * BLOCK_M, Sq, offs_m, offs_n, offs_d,
                         offs_k, Sq, kend, off, qk_scale, sqm, stm, std, sdom, s8m, s8d, CAUSAL or HAS_KLEN, CAUSAL,
-                        not EVEN_M, PREC, EXACT, HAS_CORR, DV_SCALE_IN_LOOP, DK_SPLIT, False)
+                        not EVEN_M, PREC, HAS_CORR, DV_SCALE_IN_LOOP, DK_SPLIT, False)
         else:
             # causal: query blocks from lo see part of this key block, from mid all of it; one loop, the mask
             # applied below mid (a second, masked loop would keep both loops' state live at once)
@@ -183,7 +186,7 @@ def _sage8_bwd_dkdv(
                 dk, dk_hi, dv = _s8_dkdv_block(
                     dk, dk_hi, dv, k8, ks, v, q8_base, q8t_base, qs_base, do_base, do8_base, lse_base, delta_base,
                     corr_base, dofac, start_m, mid, offs_m, offs_n, offs_d, offs_k, Sq, kend, off, qk_scale, sqm,
-                    stm, std, sdom, s8m, s8d, CAUSAL, CAUSAL, not EVEN_M, PREC, EXACT, HAS_CORR, DV_SCALE_IN_LOOP,
+                    stm, std, sdom, s8m, s8d, CAUSAL, CAUSAL, not EVEN_M, PREC, HAS_CORR, DV_SCALE_IN_LOOP,
                     DK_SPLIT, True)
 
     dk_ptrs = row_major_ptrs(head_base(DK, b, hk, sgb, sgh), offs_n, sgn, offs_k)

@@ -19,10 +19,11 @@ from ._tuning import seq_bucket
 from .attention_fwd import LOG2E
 from .ops import (_bwd_delta, _bwd_list_args, _check_inputs, _fake_fwd, _fake_grads, _grid, _lastdim_contig,
                   _list_args, _prec, _register_tile_list_autograd, _softmax_scale, _tile_args)
-from .quant import EXACT_FP8, FP8_MAX, QUANT_BLOCK, _quant_channels_fp8, _quant_tokens_int8
+from .quant import EXACT_FP8, FP8_MAX, QUANT_BLOCK, _quant_channels, _quant_tokens_int8
 from .sage8_bwd import _sage8_bwd_dkdv, _sage8_bwd_dq
 from .sage8_fwd import _sage8_fwd
 
+INT8_MAX = 127.0
 _PAD = 16  # K-major 8-bit buffers: rows padded to 16 bytes (TMA / vectorised loads)
 
 
@@ -50,24 +51,28 @@ def _quant_int8(x, mean=None, kmean=None, corr_scale=0.0, transposed=False, grou
     return x8, x8t, scale, corr
 
 
-def _quant_fp8_kmajor(x, split=False):
-    """Per-channel FP8 of x (B, H, S, D) into a K-major [D, S] buffer: (x8 as a (B, H, S, D) view, fac (B, H, D)
-    with x ~ x8 * fac * 448, and with split the residual term lo (x ~ (x8 + lo / 16) * fac * 448) or None)."""
+def _quant_kmajor(x, split=False, int8=False):
+    """Per-channel 8-bit x (B, H, S, D) into a K-major [D, S] buffer: (x8 as a (B, H, S, D) view, fac (B, H, D),
+    lo or None). FP8 (V): x ~ x8 * fac * 448 (the 448 of P~ = e4m3(448 P) folded in), with split the residual
+    term lo (x ~ (x8 + lo / 16) * fac * 448). int8 (dO): x ~ x8 * fac, fac = absmax / 127."""
     b, h, s, d = x.shape
     if s > 0:  # one read pass, no fp32 or |x| copy of x (max/min of bf16 values are exact)
         lo_, hi_ = torch.aminmax(x, dim=2)
         amax = torch.maximum(hi_, -lo_).float()
     else:
         amax = x.new_zeros((b, h, d), dtype=torch.float32)
-    buf = torch.empty((b, h, d, triton.cdiv(s, _PAD) * _PAD), dtype=torch.float8_e4m3fn, device=x.device)
+    dtype = torch.int8 if int8 else torch.float8_e4m3fn
+    buf = torch.empty((b, h, d, triton.cdiv(s, _PAD) * _PAD), dtype=dtype, device=x.device)
     x8 = buf[..., :s].transpose(-1, -2)  # logical (B, H, S, D), token stride 1
     lo = torch.empty_like(buf)[..., :s].transpose(-1, -2) if split else None
     if s > 0:
-        _quant_channels_fp8[(triton.cdiv(s, QUANT_BLOCK), b * h)](
+        _quant_channels[(triton.cdiv(s, QUANT_BLOCK), b * h)](
             x, amax.contiguous(), x8, lo if split else x8, x.stride(0), x.stride(1), x.stride(2),
             x8.stride(0), x8.stride(1), x8.stride(2), x8.stride(3), h, s,
-            HEAD_DIM=d, BLOCK=QUANT_BLOCK, EXACT=EXACT_FP8, HAS_LO=split,
+            HEAD_DIM=d, BLOCK=QUANT_BLOCK, EXACT=EXACT_FP8, HAS_LO=split, INT8=int8,
         )
+    if int8:  # IEEE division, as the reference's
+        return x8, amax / torch.full_like(amax, INT8_MAX), lo
     return x8, amax / (FP8_MAX * FP8_MAX), lo
 
 
@@ -81,7 +86,7 @@ def _quantize(q, k, v, scale, smooth_k, transposed=False, with_v=True, v_split=F
     k8, k8t, ks, _ = _quant_int8(k, km, None, 0.0, transposed)
     qz = dict(q8=q8, q8t=q8t, qs=qs, corr=corr, k8=k8, k8t=k8t, ks=ks, kmean=km)
     if with_v:
-        qz["v8"], qz["vfac"], qz["vlo"] = _quant_fp8_kmajor(v, v_split)
+        qz["v8"], qz["vfac"], qz["vlo"] = _quant_kmajor(v, v_split)
     return qz
 
 
@@ -140,7 +145,7 @@ def _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, smooth_k, idx=
     # delta' = rowsum(dO o O) - dLSE and the sink gradient: the bf16 family's preprocess
     delta, dsink = _bwd_delta(out, dout, lse, dlse, sink)
     qz = _quantize(q, k, v, scale, smooth_k, transposed=True, with_v=False)
-    do8, dofac, _ = _quant_fp8_kmajor(dout)
+    do8, dofac, _ = _quant_kmajor(dout, int8=True)  # dV = P^T dO in INT8
     # r = rowsum(dS) = dLSE + delta' p_sink: the k-mean term of dQ (zero without sink and LSE gradient)
     has_r = smooth_k and (sink is not None or dlse is not None)
     r = lse
@@ -169,7 +174,7 @@ def _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, smooth_k, idx=
         k8.stride(0), k8.stride(1), k8.stride(2), v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2), do8.stride(0), do8.stride(1), do8.stride(2),
         do8.stride(3), dk.stride(0), dk.stride(1), dk.stride(2), *strides_k,
-        hq, hkv, hq // hkv, sq, sk, scale * LOG2E, scale, key, EXACT=EXACT_FP8, **common,
+        hq, hkv, hq // hkv, sq, sk, scale * LOG2E, scale, key, **common,
     )
 
     _sage8_bwd_dq[_grid(sq, "BLOCK_M", b * hq)](
@@ -268,12 +273,12 @@ def sage8_quantize(q, k, v, scale=None, smooth_k=True, v_split=False):
 
 
 def sage8_backward_quantize(q, k, dout, scale=None, smooth_k=True):
-    """The backward's re-quantization alone (INT8 Q, K with K-major copies, FP8 dO): its cost is the part of
+    """The backward's re-quantization alone (INT8 Q, K with K-major copies, INT8 dO): its cost is the part of
     the fwd+bwd time that is not attention kernels."""
     scale = _softmax_scale(q, scale)
     q, k, dout = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(dout)
     qz = _quantize(q, k, None, scale, smooth_k, transposed=True, with_v=False)
-    qz["do8"], qz["dofac"], _ = _quant_fp8_kmajor(dout)
+    qz["do8"], qz["dofac"], _ = _quant_kmajor(dout, int8=True)
     return qz
 
 

@@ -23,7 +23,7 @@ Usage (from the repo root):
 dense forward and backward (_attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq) join their lists and the recorded launches carry host descriptors (rows "tma" / "tma+ws", notes count the
 TMA loads and flag warp-specialized compiles).
 Kernel groups: flash (_attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess), sage8 (_sage8_fwd with and
-without V_SPLIT, _sage8_bwd_dkdv, _sage8_bwd_dq), quant (_quant_tokens_int8, _quant_channels_fp8),
+without V_SPLIT, _sage8_bwd_dkdv, _sage8_bwd_dq), quant (_quant_tokens_int8, _quant_channels),
 gated_norm (_gn_fwd, _gn_bwd at C 768 -> BLOCK_C 1024, r 16, x fp32 and bf16, bf16 matmuls; the launcher's
 config, SINKFREE_GN_CONFIG respected).
 
@@ -350,7 +350,7 @@ def build_jobs(groups, head_dims, causals, sparse, all_configs, sink=True, seq=1
         if "quant" in groups:
             calls = launches_sage8(d, False, False, True, seq=seq, sink=sink)
             add("quant", "", calls, d, "", 0, only={"_quant_tokens_int8"})
-            add("quant", "v_split", calls, d, "", 0, only={"_quant_channels_fp8"})
+            add("quant", "v_split", calls, d, "", 0, only={"_quant_channels"})
     if "gated_norm" in groups:
         for xd in (torch.float32, torch.bfloat16):
             add("gated_norm", f"x {str(xd).replace('torch.', '')}, mm bf16", launches_gated_norm(xd))
