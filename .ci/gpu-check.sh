@@ -2,7 +2,8 @@
 # The GPU checks and benchmarks the open issues need, as named stages, each capped in time and logging to
 # $OUT/<stage>.log (JSON next to it). Run from the repository root on one H100/H200 with sinkfree importable
 # (pip install -e . or PYTHONPATH=$PWD:$PWD/kernels):
-#   OUT=gpu-logs bash .ci/gpu-check.sh tests bench-attn-tma bench-sage8      # ~8 minutes
+#   OUT=gpu-logs bash .ci/gpu-check.sh tests                                 # ~5 minutes
+#   OUT=gpu-logs bash .ci/gpu-check.sh tests-sage8 bench-attn-tma bench-sage8 # ~9 minutes
 #   OUT=gpu-logs bash .ci/gpu-check.sh bench-lm bench-vsa                    # ~7 minutes
 #   OUT=gpu-logs bash .ci/gpu-check.sh ab-vsa:dense ab-vsa:dense2            # one arm per stage (≤ 590 s each)
 #   OUT=gpu-logs bash .ci/gpu-check.sh ab-vsa:vsa ab-vsa:compare
@@ -27,10 +28,12 @@ export -f sf
 
 for s in "$@"; do
     case $s in
-    tests)  # kernel correctness in bf16 at real sizes (untuned: one config per kernel, plus each forced config)
-        stage tests 330 python3 -m pytest -q -p no:cacheprovider -m gpu -rf \
-            tests/test_kernels_gpu.py tests/test_sage8_gpu.py tests/test_gated_norm_kernel.py \
-            tests/test_compile_gpu.py tests/test_bench_accuracy.py ;;
+    tests)  # bf16 kernels at real sizes (untuned: one config per kernel, plus each forced config; ~5 min)
+        stage tests 450 python3 -m pytest -q -p no:cacheprovider -m gpu -rf \
+            tests/test_kernels_gpu.py tests/test_compile_gpu.py ;;
+    tests-sage8)  # the 8-bit kernels against their fake-quant oracle, the accuracy tool, the fused GatedNorm
+        stage tests-sage8 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rf \
+            tests/test_sage8_gpu.py tests/test_bench_accuracy.py tests/test_gated_norm_kernel.py ;;
     bench-attn-tma)  # issue 3: pointer configs vs TMA-only configs (the env var is read at import)
         stage attn-pointer 150 bash -c "sf bench attention --sections dense --modes fwd fwd+bwd \
             --providers cudnn flex+sink flash flash+sink --json $OUT/attn-pointer.json"
@@ -83,7 +86,7 @@ for s in "$@"; do
     ab-sage8:compare)
         stage ab-sage8-compare 60 bash -c "sf compare $OUT/runs/ab-bf16 $OUT/runs/ab-bf16-seed2 $OUT/runs/ab-sage8 \
             --labels bf16 bf16-s2 sage8 --seed-pair 0 1 --out $OUT/compare-sage8 --json $OUT/compare-sage8.json" ;;
-    *) echo "unknown stage $s: tests bench-attn-tma bench-sparse bench-sage8 bench-lm bench-lm-autotune bench-vsa" \
+    *) echo "unknown stage $s: tests tests-sage8 bench-attn-tma bench-sparse bench-sage8 bench-lm bench-lm-autotune bench-vsa" \
             "ab-vsa:{dense,dense2,vsa,compare} ab-sage8:{bf16,bf16-2,sage8,compare}"
        exit 2 ;;
     esac
