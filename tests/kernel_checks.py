@@ -1,5 +1,6 @@
 """Shared helpers of the kernel tests: random inputs with outliers, error metrics, gradient comparison."""
 import contextlib
+import os
 
 import torch
 
@@ -78,6 +79,21 @@ def autotuned_kernels():
     from sinkfree_kernels import attention_bwd, attention_fwd
 
     return {"fwd": attention_fwd._attn_fwd, "dkdv": attention_bwd._attn_bwd_dkdv, "dq": attention_bwd._attn_bwd_dq}
+
+
+@contextlib.contextmanager
+def autotune_off():
+    """SINKFREE_AUTOTUNE=0 (read at each tuning decision in sinkfree_kernels._tuning): every kernel runs the first
+    config its pruning keeps, one compile per kernel and key; the previous value is restored afterwards."""
+    old = os.environ.get("SINKFREE_AUTOTUNE")
+    os.environ["SINKFREE_AUTOTUNE"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SINKFREE_AUTOTUNE", None)
+        else:
+            os.environ["SINKFREE_AUTOTUNE"] = old
 
 
 @contextlib.contextmanager

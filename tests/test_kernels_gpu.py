@@ -5,13 +5,12 @@ one config per kernel instead of ~15 (the autotuned run timed out at 150 s). The
 are checked one by one in test_every_config_sparse_bf16 instead. Failure messages name the tensor (out, lse,
 grad of q/k/v/sink), its relative error, the largest absolute error and where.
 """
-import os
 import zlib
 
 import pytest
 import torch
 
-from kernel_checks import autotuned_kernels, compare, forced_configs, make_qkv
+from kernel_checks import autotune_off, autotuned_kernels, compare, forced_configs, make_qkv
 from sinkfree_kernels import (attention_reference, block_sparse_attention, block_sparse_attention_reference,
                               flash_attention, random_lists)
 
@@ -22,13 +21,8 @@ NAMES = ("q", "k", "v", "sink")
 
 @pytest.fixture(autouse=True, scope="module")
 def _untuned():
-    old = os.environ.get("SINKFREE_AUTOTUNE")
-    os.environ["SINKFREE_AUTOTUNE"] = "0"  # read at each tuning decision (sinkfree_kernels._tuning)
-    yield
-    if old is None:
-        os.environ.pop("SINKFREE_AUTOTUNE", None)
-    else:
-        os.environ["SINKFREE_AUTOTUNE"] = old
+    with autotune_off():
+        yield
 
 
 def _seed(*key):

@@ -204,3 +204,14 @@ def test_tma_configs_only_with_descriptors_and_only_listed_on_request(monkeypatc
     small = smem_estimate("fwd", 128, 64, 128, 3) + 1
     kept = prune_configs(ptr + [tma], "fwd", 128, False, 64, 64, 2, small, has_desc=True)
     assert all(not c.kwargs.get("WARP_SPEC") for c in kept)
+
+
+def test_tma_mode_rejects_unknown_values(monkeypatch):
+    from sinkfree_kernels._tuning import tma_mode
+
+    for value, mode in (("", "0"), ("0", "0"), ("1", "1"), (" Only ", "only")):
+        monkeypatch.setenv("SINKFREE_ATTN_TMA", value)
+        assert tma_mode() == mode
+    monkeypatch.setenv("SINKFREE_ATTN_TMA", "yes")
+    with pytest.raises(ValueError, match="SINKFREE_ATTN_TMA='yes'.*0.*1.*only"):
+        tma_mode()

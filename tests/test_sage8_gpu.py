@@ -21,13 +21,12 @@ sub-1e-2 ones are below any safe bf16 tolerance; tests/test_sage8_kernels.py hol
 2e-3 on fp16/fp32 at tiny sizes for them. Failure messages name the tensor, the block sizes, the relative
 error and the largest absolute error.
 """
-import os
 import zlib
 
 import pytest
 import torch
 
-from kernel_checks import check_lse, describe_err, make_qkv, rel_err
+from kernel_checks import autotune_off, check_lse, describe_err, make_qkv, rel_err
 from sinkfree_kernels import random_lists, token_mask
 from sinkfree_kernels.quant_reference import sage8_backward_emulated, sage8_forward_emulated
 
@@ -40,16 +39,11 @@ DEVICE = "cuda"
 
 @pytest.fixture(autouse=True, scope="module")
 def _untuned():
-    old = os.environ.get("SINKFREE_AUTOTUNE")
-    os.environ["SINKFREE_AUTOTUNE"] = "0"  # read at each tuning decision (sinkfree_kernels._tuning)
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # no TF32 in the references' einsums (dequantized dS)
-    yield
+    with autotune_off():
+        yield
     torch.set_float32_matmul_precision(precision)
-    if old is None:
-        os.environ.pop("SINKFREE_AUTOTUNE", None)
-    else:
-        os.environ["SINKFREE_AUTOTUNE"] = old
 
 
 def _seed(*key):

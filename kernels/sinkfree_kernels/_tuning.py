@@ -23,8 +23,11 @@ def tma_mode() -> str:
     dense forward and backward (dK/dV, dQ) to their autotune lists (the autotuner then picks between both kinds); 'only' keeps only them
     wherever descriptors can be used (an A/B of the two load paths). The config list is built at import, so set
     it before the first import of the kernels; the launchers read it at each launch (descriptors or not)."""
-    v = os.environ.get("SINKFREE_ATTN_TMA", "0").strip().lower()
-    return v if v in ("1", "only") else "0"
+    v = os.environ.get("SINKFREE_ATTN_TMA", "0").strip().lower() or "0"
+    if v not in ("0", "1", "only"):
+        raise ValueError(f"SINKFREE_ATTN_TMA={v!r}: allowed values are 0 (pointer loads, the default), 1 (add the "
+                         f"TMA configs) and only (TMA configs only)")
+    return v
 
 
 def seq_bucket(n: int) -> int:

@@ -161,9 +161,7 @@ def _config(block_c):
         return tuple(int(v) for v in env.split(","))
     if block_c <= 256:
         return 32, 4, 4, 4, 2
-    if block_c <= 1024:
-        return 16, 8, 16, 2, 1
-    return 16, 16, 16, 1, 1
+    return 16, 8, 16, 2, 1  # block_c <= MAX_DIM = 1024
 
 
 def _prec(mm_dtype):

@@ -13,6 +13,8 @@ card its forward takes 1.8x as long at D 128 (1.1x at D 64) and fwd+bwd 1.03-1.1
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from sinkfree.attention.flash import use_triton
@@ -34,39 +36,23 @@ def sage8_attend(q, k, v, spec: AttentionSpec, sink=None, tiles=None, infer: boo
     from sinkfree_kernels.quant_reference import sage8_attention_reference, sage8_block_sparse_reference
 
     if infer and torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, sink)):
-        raise RuntimeError("attn_backend='sage8-infer' is forward-only (no backward): train with "
-                           "attn_backend='sage8', or run under torch.no_grad()")
+        raise RuntimeError("attn_backend='sage8-infer' (and sage8-infer-vsplit) is forward-only (no backward): "
+                           "train with attn_backend='sage8' or 'sage8-vsplit', or run under torch.no_grad()")
     if tiles is None:
         return sage8_attention_reference(q, k, v, sink, spec.causal, spec.scale, smooth_k, v_split=v_split)[0]
     return sage8_block_sparse_reference(q, k, v, tiles[0], tiles[1], sink, spec.causal, spec.scale, t, t,
                                         *tiles[2:3], smooth_k=smooth_k, v_split=v_split)[0]
 
 
-def sage8_backend(q, k, v, spec: AttentionSpec, sink=None, tiles=None) -> torch.Tensor:
-    return sage8_attend(q, k, v, spec, sink, tiles)
-
-
-def sage8_infer_backend(q, k, v, spec: AttentionSpec, sink=None, tiles=None) -> torch.Tensor:
-    return sage8_attend(q, k, v, spec, sink, tiles, infer=True)
-
-
-def sage8_vsplit_backend(q, k, v, spec: AttentionSpec, sink=None, tiles=None) -> torch.Tensor:
-    return sage8_attend(q, k, v, spec, sink, tiles, v_split=True)
-
-
-def sage8_infer_vsplit_backend(q, k, v, spec: AttentionSpec, sink=None, tiles=None) -> torch.Tensor:
-    return sage8_attend(q, k, v, spec, sink, tiles, infer=True, v_split=True)
-
-
-SAGE8 = register_backend(BackendInfo(
-    "sage8", sage8_backend, supports_sink=True,
-    description="trainable 8-bit attention (INT8 QK^T, FP8 PV, 8-bit backward, dP in bf16); head dims 64/128"))
-SAGE8_INFER = register_backend(BackendInfo(
-    "sage8-infer", sage8_infer_backend, supports_sink=True,
-    description="8-bit attention forward only (INT8 QK^T + FP8 PV, the SageAttention2 Hopper recipe)"))
-SAGE8_VSPLIT = register_backend(BackendInfo(
-    "sage8-vsplit", sage8_vsplit_backend, supports_sink=True,
-    description="sage8 with V as two FP8 terms (hi + lo/16): meets cos >= 0.9995 / relL1 <= 0.03 on N(0,1)"))
-SAGE8_INFER_VSPLIT = register_backend(BackendInfo(
-    "sage8-infer-vsplit", sage8_infer_vsplit_backend, supports_sink=True,
-    description="sage8-infer with V as two FP8 terms (hi + lo/16)"))
+# name -> (sage8_attend keywords, description); each registered as fn(q, k, v, spec, sink=None, tiles=None)
+_VARIANTS = {
+    "sage8": ({}, "trainable 8-bit attention (INT8 QK^T, FP8 PV, 8-bit backward, dP in bf16); head dims 64/128"),
+    "sage8-infer": ({"infer": True},
+                    "8-bit attention forward only (INT8 QK^T + FP8 PV, the SageAttention2 Hopper recipe)"),
+    "sage8-vsplit": ({"v_split": True},
+                     "sage8 with V as two FP8 terms (hi + lo/16): meets cos >= 0.9995 / relL1 <= 0.03 on N(0,1)"),
+    "sage8-infer-vsplit": ({"infer": True, "v_split": True}, "sage8-infer with V as two FP8 terms (hi + lo/16)"),
+}
+BACKENDS = {name: register_backend(BackendInfo(name, functools.partial(sage8_attend, **kw), supports_sink=True,
+                                               description=desc))
+            for name, (kw, desc) in _VARIANTS.items()}
