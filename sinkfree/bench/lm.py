@@ -50,9 +50,48 @@ class StepTimer(L.Callback):
             self._t0 = None
 
 
-def bench_recipe(recipe: str, steps: int, skip: int, overrides: list[str], monitor_every: int = 0) -> dict:
+class ProfileSteps(L.Callback):
+    """torch.profiler over `n` optimizer steps starting at step `start`: the GPU kernels' time per step,
+    summed by kernel name (top `top`), and a Chrome trace written to `trace` when given."""
+
+    def __init__(self, start: int, n: int, top: int = 25, trace: Optional[str] = None) -> None:
+        self.start, self.n, self.top, self.trace = start, n, top, trace
+        self.prof: Any = None
+        self.kernels: list[dict] = []
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.start and self.prof is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            torch.cuda.synchronize()
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.prof is None or self.kernels or trainer.global_step < self.start + self.n:
+            return
+        torch.cuda.synchronize()
+        self.prof.__exit__(None, None, None)
+        if self.trace:
+            self.prof.export_chrome_trace(self.trace)
+        rows = []
+        for e in self.prof.key_averages():
+            dev_us = getattr(e, "self_device_time_total", None)
+            if dev_us is None:
+                dev_us = getattr(e, "self_cuda_time_total", 0)
+            if dev_us > 0 and e.device_type.name == "CUDA":
+                rows.append({"kernel": e.key, "ms_per_step": dev_us / 1e3 / self.n, "calls_per_step": e.count / self.n})
+        rows.sort(key=lambda r: -r["ms_per_step"])
+        total = sum(r["ms_per_step"] for r in rows)
+        self.kernels = [{"kernel": "(all GPU kernels)", "ms_per_step": total, "calls_per_step":
+                         sum(r["calls_per_step"] for r in rows)}] + rows[: self.top]
+
+
+def bench_recipe(recipe: str, steps: int, skip: int, overrides: list[str], monitor_every: int = 0,
+                 profile_steps: int = 0, profile_dir: Optional[str] = None) -> dict:
     """Train `recipe` for `steps` steps and report step time, tokens/s and model FLOPs/token; with
-    `monitor_every` > 0 a SinkMonitor probes every that many steps and its cost is reported."""
+    `monitor_every` > 0 a SinkMonitor probes every that many steps and its cost is reported; with
+    `profile_steps` > 0 the last that many steps run under torch.profiler (kernel table in the result)."""
     from sinkfree.cli_lightning import SinkfreeCLI
 
     args = ["--config", recipe, f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0",
@@ -67,8 +106,19 @@ def bench_recipe(recipe: str, steps: int, skip: int, overrides: list[str], monit
         monitor = SinkMonitor(every_n_steps=monitor_every, output=os.path.abspath("bench-sinks/stats.csv"))
         cli.trainer.callbacks.append(monitor)
     cli.trainer.callbacks.append(timer)  # after the monitor, so a step's time includes its probe
+    prof = None
+    if profile_steps:
+        if steps - profile_steps <= skip:
+            raise ValueError(f"--profile-steps {profile_steps} must leave timed steps: steps {steps} - skip {skip}")
+        trace = None
+        if profile_dir:
+            os.makedirs(profile_dir, exist_ok=True)
+            trace = os.path.join(profile_dir, os.path.splitext(os.path.basename(recipe))[0] + ".trace.json")
+        prof = ProfileSteps(steps - profile_steps, profile_steps, trace=trace)
+        cli.trainer.callbacks.append(prof)
     cli.trainer.fit(cli.model, cli.datamodule)
-    step_s = statistics.median(timer.times)
+    times = timer.times[: len(timer.times) - profile_steps] if profile_steps else timer.times
+    step_s = statistics.median(times)
     tokens = timer.tokens[-1]
     seq = cli.datamodule.hparams.get("seq_len") if hasattr(cli.datamodule, "hparams") else None
     seq = seq or cli.model.model.config.block_size
@@ -80,14 +130,15 @@ def bench_recipe(recipe: str, steps: int, skip: int, overrides: list[str], monit
     return {
         **probes,
         "recipe": recipe + (f" + SinkMonitor/{monitor_every}" if monitor_every else ""),
-        "step_ms_mean": statistics.mean(timer.times) * 1e3,
+        "step_ms_mean": statistics.mean(times) * 1e3,
         "params": cli.model.model.num_params(),
         "step_ms": step_s * 1e3,
         "tokens_per_s": tokens / step_s,
         "flops_per_token": fpt,
         "tflops": tokens * fpt / step_s / 1e12,
-        "steps_timed": len(timer.times),
+        "steps_timed": len(times),
         "final_train_loss": float(cli.trainer.callback_metrics.get("train/loss", float("nan"))),
+        **({"profile": prof.kernels} if prof is not None else {}),
     }
 
 
@@ -106,13 +157,23 @@ def lm_main(argv: list[str]) -> int:
     p.add_argument("--monitor-every", type=int, default=0, metavar="N",
                    help="also train the first recipe with a SinkMonitor probing every N steps and report its "
                    "overhead (mean step time against the plain run, and per probe)")
+    p.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                   help="run each recipe's last N steps under torch.profiler (left out of the timing) and print "
+                   "its top GPU kernels in ms per step")
+    p.add_argument("--profile-dir", default=None, metavar="DIR",
+                   help="with --profile-steps, also write a Chrome trace per recipe into DIR (open in "
+                   "chrome://tracing or Perfetto)")
     p.add_argument("--json", default=None, help="write the results as JSON to this file")
     a = p.parse_args(argv)
+    if a.profile_steps < 0 or (a.profile_steps and a.steps - a.profile_steps <= a.skip):
+        p.error(f"--profile-steps must be >= 0 and leave timed steps: --steps {a.steps} - --profile-steps "
+                f"{a.profile_steps} must exceed --skip {a.skip}")
     if not torch.cuda.is_available():
         p.error("bench lm needs a CUDA GPU")
     card = torch.cuda.get_device_name()
     peak = matmul_peak_tflops()
-    rows = [bench_recipe(r, a.steps, a.skip, a.set) for r in a.recipes]
+    rows = [bench_recipe(r, a.steps, a.skip, a.set, profile_steps=a.profile_steps, profile_dir=a.profile_dir)
+            for r in a.recipes]
     if a.monitor_every:
         mon = bench_recipe(a.recipes[0], a.steps, a.skip, a.set, a.monitor_every)
         mon["monitor_overhead_measured"] = mon["step_ms_mean"] / rows[0]["step_ms_mean"] - 1
@@ -131,6 +192,11 @@ def lm_main(argv: list[str]) -> int:
             print(f"SinkMonitor: {r['probe_s_each']:.3f} s per probe; mean step time +"
                   f"{r['monitor_overhead_measured']:.2%} probing every {r['monitor_every']} steps; "
                   f"{r['monitor_overhead_at_250']:.2%} projected at every 250 steps")
+    for r in rows:
+        if "profile" in r:
+            print(f"\nGPU kernels of {r['recipe']} (ms per step, profiled over {a.profile_steps} steps):")
+            for k in r["profile"]:
+                print(f"  {k['ms_per_step']:8.3f} ms {k['calls_per_step']:7.1f}x  {k['kernel'][:110]}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"card": card, "matmul_peak_tflops": peak, "rows": rows}, f, indent=2)
