@@ -1,5 +1,7 @@
 """Fused GatedNorm op (sinkfree_kernels.gated_norm) against the PyTorch reference: forward and the gradients
-in x, weight, w_down and w_up; runs under the Triton interpreter on CPU (fp32/fp16 only)."""
+in x, weight, w_down and w_up; runs under the Triton interpreter on CPU (fp32/fp16 only). Widths cover one
+masked chunk (64, 96), chunks not dividing C (200) and C > 1024 (1100); odd row counts leave partial 64-row
+blocks."""
 import pytest
 import torch
 
@@ -53,6 +55,9 @@ def _check(shape, r, identity, dtype, gate_scale, device="cpu"):
     ((2, 65, 96), False, torch.float32),
     ((130, 96), False, torch.float16),
     ((37, 64), False, torch.float16),
+    ((2, 64, 128), False, torch.float16),  # whole 64-row blocks and chunks: the unmasked (EVEN) loads
+    ((70, 200), False, torch.float32),  # C not a multiple of either chunk (fwd 64, bwd 32)
+    ((5, 1100), False, torch.float32),  # C > 1024 (the v1 limit), several chunks, one partial row block
 ])
 def test_fused_matches_reference(shape, identity, dtype):
     gate_scale = 2.0 if identity else 1.0
@@ -63,6 +68,14 @@ def test_fused_matches_reference(shape, identity, dtype):
         xf = x.detach().float()
         rms = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * w.detach()
         torch.testing.assert_close(out.detach().float(), rms, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", ["64,32,16,4,4,1,1", "64,16,32,4,4,2,2", "64,128,64,4,4,2,2,0,0"])
+@pytest.mark.parametrize("shape,r,dtype", [((66, 200), 16, torch.float32), ((40, 96), 24, torch.float16)])
+def test_small_chunks_and_rank(monkeypatch, config, shape, r, dtype):
+    """Many masked column chunks (SINKFREE_GN_CONFIG) and a rank padded to 32."""
+    monkeypatch.setenv("SINKFREE_GN_CONFIG", config)
+    _check(shape, r, False, dtype, 1.0)
 
 
 def test_zero_centered_weight_grad_flows_through_one_plus_w():
@@ -99,6 +112,8 @@ def test_rejects_bad_shapes():
     w, wd, wu = _params(64, 16, False)
     with pytest.raises(ValueError, match="w_down"):
         gated_norm(x, w, wu, wu)
+    with pytest.raises(ValueError, match="r <= 64"):
+        gated_norm(x, w, torch.randn(65, 64), torch.randn(64, 65))
 
 
 @pytest.mark.gpu
