@@ -54,7 +54,7 @@ class ProfileSteps(L.Callback):
     """torch.profiler over `n` optimizer steps starting at step `start`: the GPU kernels' time per step,
     summed by kernel name (top `top`), and a Chrome trace written to `trace` when given."""
 
-    def __init__(self, start: int, n: int, top: int = 25, trace: Optional[str] = None) -> None:
+    def __init__(self, start: int, n: int, top: int = 80, trace: Optional[str] = None) -> None:
         self.start, self.n, self.top, self.trace = start, n, top, trace
         self.prof: Any = None
         self.kernels: list[dict] = []
@@ -79,7 +79,8 @@ class ProfileSteps(L.Callback):
             dev_us = getattr(e, "self_device_time_total", None)
             if dev_us is None:
                 dev_us = getattr(e, "self_cuda_time_total", 0)
-            if dev_us > 0 and e.device_type.name == "CUDA":
+            annotation = getattr(e, "is_user_annotation", False) or "#" in e.key  # e.g. Optimizer.step#AdamW.step
+            if dev_us > 0 and e.device_type.name == "CUDA" and not annotation:
                 rows.append({"kernel": e.key, "ms_per_step": dev_us / 1e3 / self.n, "calls_per_step": e.count / self.n})
         rows.sort(key=lambda r: -r["ms_per_step"])
         total = sum(r["ms_per_step"] for r in rows)
@@ -195,7 +196,7 @@ def lm_main(argv: list[str]) -> int:
     for r in rows:
         if "profile" in r:
             print(f"\nGPU kernels of {r['recipe']} (ms per step, profiled over {a.profile_steps} steps):")
-            for k in r["profile"]:
+            for k in r["profile"][:26]:
                 print(f"  {k['ms_per_step']:8.3f} ms {k['calls_per_step']:7.1f}x  {k['kernel'][:110]}")
     if a.json:
         with open(a.json, "w") as f:

@@ -14,6 +14,7 @@ from sinkfree.attention.spec import SOFTMAX_KINDS
 from sinkfree.nn import (
     ATTN_GATE_KINDS,
     ATTN_SINK_KINDS,
+    GATEDNORM_KERNELS,
     MLP,
     NORM_KINDS,
     RESIDUAL_SINK_KINDS,
@@ -81,6 +82,8 @@ class LLMConfig:
     """Bottleneck rank of GatedNorm's gate."""
     gatednorm_identity_init: bool = False
     """Start GatedNorm as exactly RMSNorm (W_up = 0, 2*sigmoid): for retrofits."""
+    gatednorm_kernel: str = "torch"
+    """GatedNorm implementation on CUDA: torch (compiled by Inductor) or triton (the fused sinkfree_kernels op)."""
     norm: str = "rmsnorm"
     """Residual-side norm: rmsnorm, zero_centered ((1+w), keeps weight decay), dyt or identity (ablations)."""
     attn_softmax: str = "softmax"
@@ -132,6 +135,7 @@ class LLMConfig:
         check_choice("attn_gate", self.attn_gate, ATTN_GATE_KINDS)
         check_choice("attn_sink", self.attn_sink, ATTN_SINK_KINDS)
         check_choice("residual_sink", self.residual_sink, RESIDUAL_SINK_KINDS)
+        check_choice("gatednorm_kernel", self.gatednorm_kernel, GATEDNORM_KERNELS)
         check_choice("norm", self.norm, NORM_KINDS)
         check_choice("attn_softmax", self.attn_softmax, SOFTMAX_KINDS)
         if self.residual_sink != "none" and self.norm not in ("rmsnorm", "zero_centered"):
@@ -209,7 +213,7 @@ class Block(nn.Module):
         super().__init__()
         c = config
         norm_args = (c.norm, c.residual_sink, c.n_embd, c.rms_norm_eps, c.gatednorm_rank,
-                     c.gatednorm_identity_init)
+                     c.gatednorm_identity_init, c.gatednorm_kernel)
         self.attn_norm = build_norm(*norm_args)
         self.attn = Attention(c.n_embd, c.n_head, c.num_kv_heads, c.head_size, bias=c.attn_bias,
                               qk_norm=c.qk_norm, norm_eps=c.rms_norm_eps, gate=c.attn_gate, sink=c.attn_sink,
@@ -235,7 +239,7 @@ class LLM(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.n_embd)
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
         self.norm = build_norm(c.norm, c.residual_sink, c.n_embd, c.rms_norm_eps, c.gatednorm_rank,
-                               c.gatednorm_identity_init)
+                               c.gatednorm_identity_init, c.gatednorm_kernel)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.rope = RotaryEmbedding(c.head_size, c.rope_theta, c.rope_scaling, c.block_size)
         self.reset_parameters()

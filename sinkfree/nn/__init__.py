@@ -3,6 +3,7 @@ from sinkfree.nn.attention import ATTN_GATE_KINDS, ATTN_SINK_KINDS, Attention
 from sinkfree.nn.clip import clip_output
 from sinkfree.nn.mlp import MLP
 from sinkfree.nn.norms import (
+                               GATEDNORM_KERNELS,
                                NORM_KINDS,
                                RESIDUAL_SINK_KINDS,
                                DyT,
@@ -19,6 +20,7 @@ from sinkfree.nn.rope import RotaryEmbedding, apply_rope, rope_inv_freq, rotate_
 __all__ = [
                                "ATTN_GATE_KINDS",
                                "ATTN_SINK_KINDS",
+                               "GATEDNORM_KERNELS",
                                "MLP",
                                "NORM_KINDS",
                                "RESIDUAL_SINK_KINDS",

@@ -11,6 +11,7 @@ from sinkfree.nn.params import no_weight_decay
 
 NORM_KINDS = ("rmsnorm", "zero_centered", "dyt", "identity")
 RESIDUAL_SINK_KINDS = ("none", "preaffine", "gatednorm")
+GATEDNORM_KERNELS = ("torch", "triton")
 
 
 def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -107,9 +108,13 @@ class GatedNorm(RMSNorm):
     fused = os.environ.get("SINKFREE_FUSED_GATEDNORM", "0") == "1"  # opt-in: slower than Inductor today
 
     def __init__(self, dim: int, eps: float = 1e-5, rank: int = 16, identity_init: bool = False,
-                 zero_centered: bool = False):
+                 zero_centered: bool = False, kernel: str = "torch"):
+        if kernel not in GATEDNORM_KERNELS:
+            raise ValueError(f"gatednorm_kernel={kernel!r} is not one of {list(GATEDNORM_KERNELS)}")
         self.zero_centered = zero_centered
         super().__init__(dim, eps)
+        if kernel == "triton":
+            self.fused = True  # instance attribute: this norm uses the Triton op on CUDA
         self.gate_down = nn.Linear(dim, rank, bias=False)  # (C -> r)
         self.gate_up = nn.Linear(rank, dim, bias=False)  # (r -> C)
         self.identity_init = identity_init
@@ -137,7 +142,7 @@ class GatedNorm(RMSNorm):
 
 
 def build_norm(kind: str, residual_sink: str, dim: int, eps: float = 1e-5, rank: int = 16,
-               identity_init: bool = False) -> nn.Module:
+               identity_init: bool = False, gatednorm_kernel: str = "torch") -> nn.Module:
     """The norm for `norm=kind` and `residual_sink=residual_sink` over a width-`dim` stream."""
     if kind not in NORM_KINDS:
         raise ValueError(f"norm={kind!r} is not one of {list(NORM_KINDS)}")
@@ -150,6 +155,7 @@ def build_norm(kind: str, residual_sink: str, dim: int, eps: float = 1e-5, rank:
     if residual_sink == "preaffine":
         return PreAffineRMSNorm(dim, eps, zero_centered=zc)
     if residual_sink == "gatednorm":
-        return GatedNorm(dim, eps, rank=rank, identity_init=identity_init, zero_centered=zc)
+        return GatedNorm(dim, eps, rank=rank, identity_init=identity_init, zero_centered=zc,
+                         kernel=gatednorm_kernel)
     return {"rmsnorm": RMSNorm, "zero_centered": ZeroCenteredRMSNorm, "dyt": DyT,
             "identity": IdentityNorm}[kind](dim, eps)
