@@ -144,3 +144,15 @@ def test_gpu_bf16_c768():
     finally:
         GatedNorm.fused = was
     torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_backward_op_matches_its_fake():
+    """The backward op's real outputs have the fake's (contiguous) layout with fp32 master weights, as under
+    autocast: a transposed dW_down view once broke torch.compile on the GPU ("stride 1==768")."""
+    x = _input((20, 64), torch.float32)
+    w, wd, wu = _params(64, 16, False)
+    out, rstd, a = torch.ops.sinkfree.gated_norm_fwd(x, w, wd, wu, 1e-5, 1.0, torch.float32)
+    args = (torch.randn_like(out), x, w, wd, wu, rstd, a, 1.0, torch.float32)
+    for got, want in zip(torch.ops.sinkfree.gated_norm_bwd(*args), (x, w, wd, wu)):
+        assert got.shape == want.shape and got.is_contiguous()
+    torch.library.opcheck(torch.ops.sinkfree.gated_norm_bwd.default, args, test_utils=("test_schema", "test_faketensor"))

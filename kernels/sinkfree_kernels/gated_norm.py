@@ -278,7 +278,7 @@ def _backward(dout, x, weight, w_down, w_up, rstd, a, gate_scale, mm_dtype):
         dw_p, dwd_p, dwu_p, n, c, r, x2.stride(0), do2.stride(0), dx.stride(0), gate_scale,
         PREC=_prec(mm_dtype), num_warps=warps, num_stages=stages, maxnreg=maxnreg, **_blocks(n, c, r, block_m, block_c),
     )
-    return (dx.view(x.shape), dw_p.sum(0).to(weight.dtype), dwd_p.sum(0).t().to(w_down.dtype),
+    return (dx.view(x.shape), dw_p.sum(0).to(weight.dtype), dwd_p.sum(0).t().contiguous().to(w_down.dtype),
             dwu_p.sum(0).to(w_up.dtype))
 
 
