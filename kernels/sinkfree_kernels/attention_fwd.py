@@ -26,8 +26,10 @@ LN2 = 0.6931471805599453
 
 FWD_POINTER_CONFIGS = make_configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)])
 # (BLOCK_M, BLOCK_N, warps, stages, warp_specialize); the pruning keeps them only for dense launches with descriptors
-FWD_TMA_CONFIGS = make_tma_configs([(128, 64, 8, 3, False), (128, 128, 8, 2, False), (128, 64, 4, 3, False),
-                                    (128, 64, 4, 3, True), (128, 64, 4, 2, True), (128, 128, 4, 2, True)])
+FWD_TMA_CONFIGS = make_tma_configs([(128, 64, 8, 3, False), (128, 128, 8, 2, False), (128, 64, 4, 3, False)])
+# Warp-specialized configs: not autotuned. On an H200 (2026-11-27) the autotuner's first one, 128x64x4x3,
+# did not finish (compile or run) within 170 s and stalled the benchmark; force them only to experiment.
+FWD_WS_CONFIGS = make_tma_configs([(128, 64, 4, 3, True), (128, 64, 4, 2, True), (128, 128, 4, 2, True)])
 FWD_CONFIGS = with_tma_configs(FWD_POINTER_CONFIGS, FWD_TMA_CONFIGS)
 
 
