@@ -53,6 +53,11 @@ for s in "$@"; do
     bench-lm)  # issue 2: the gated recipe's tokens/s against the baseline, one process
         stage lm 420 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
             --steps 300 --skip 50 --profile-steps 3 --json $OUT/lm.json" ;;
+    bench-lm-gn)  # issue 2: the fused Triton GatedNorm (gatednorm_kernel: triton) next to torch's, one process
+        sed 's/^\(\s*\)residual_sink: gatednorm/\1residual_sink: gatednorm\n\1gatednorm_kernel: triton/' \
+            recipes/llm/125m-gated.yaml > "$OUT/125m-gated-triton.yaml"
+        stage lm-gn 480 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
+            $OUT/125m-gated-triton.yaml --steps 250 --skip 50 --profile-steps 3 --json $OUT/lm-gn.json" ;;
     bench-lm-autotune)  # issue 2: the same with Inductor's max-autotune GEMM templates (epilogue fusion)
         stage lm-autotune 590 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
             --steps 300 --skip 100 --profile-steps 3 --set=--model.compile_mode=max-autotune-no-cudagraphs --json $OUT/lm-autotune.json" ;;
@@ -88,7 +93,8 @@ for s in "$@"; do
     ab-sage8:compare)
         stage ab-sage8-compare 60 bash -c "sf compare $OUT/runs/ab-bf16 $OUT/runs/ab-bf16-seed2 $OUT/runs/ab-sage8 \
             --labels bf16 bf16-s2 sage8 --seed-pair 0 1 --out $OUT/compare-sage8 --json $OUT/compare-sage8.json" ;;
-    *) echo "unknown stage $s: tests tests-sage8 bench-attn-tma bench-sparse bench-sage8 bench-lm bench-lm-autotune bench-vsa" \
+    *) echo "unknown stage $s: tests tests-sage8 bench-attn-tma bench-sparse bench-sage8 bench-lm bench-lm-gn" \
+            "bench-lm-autotune bench-vsa" \
             "ab-vsa:{dense,dense2,vsa,compare} ab-sage8:{bf16,bf16-2,sage8,compare}"
        exit 2 ;;
     esac
