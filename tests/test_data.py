@@ -201,3 +201,21 @@ def test_lightning_resume_sees_same_batches(cache, tmp_path):
     L.Trainer(**kw).fit(resumed, make_dm(cache, **args), ckpt_path=str(next((tmp_path / "ck").glob("*step=5.ckpt"))))
     got = first.seen[:5] + resumed.seen
     assert len(got) == 9 and all(torch.equal(a, b) for a, b in zip(got, full.seen))
+
+
+def test_warns_when_max_steps_repeats_the_corpus(cache):
+    dm = make_dm(cache)
+    n = len(dm.train_dataset)
+
+    class Trainer:
+        max_steps, world_size, accumulate_grad_batches = 10 * n, 1, 1
+
+    dm.trainer = Trainer()
+    with pytest.warns(UserWarning, match="memorise"):
+        dm._warn_if_repeated()
+    Trainer.max_steps = max(1, n // dm.batch_size)  # about one epoch: silent
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm._warn_if_repeated()

@@ -142,6 +142,24 @@ class TextDataModule(L.LightningDataModule):
         _check(len(self.train_dataset) >= self.batch_size,
                f"data.batch_size: {self.batch_size} is more than the {len(self.train_dataset)} train sequences of "
                f"seq_len {self.seq_len}; use more data or a smaller data.seq_len / data.batch_size")
+        self._warn_if_repeated()
+
+    def _warn_if_repeated(self, limit: float = 4.0) -> None:
+        """Warn when trainer.max_steps would pass over the train split more than `limit` times: the validation loss
+        then measures memorisation (the embedded stdlib corpus is ~1-3M tokens)."""
+        trainer = self.trainer
+        steps = getattr(trainer, "max_steps", -1) if trainer is not None else -1
+        if steps is None or steps <= 0:
+            return
+        world = getattr(trainer, "world_size", 1) or 1
+        accumulate = getattr(trainer, "accumulate_grad_batches", 1) or 1
+        epochs = steps * accumulate * self.batch_size * world / max(1, len(self.train_dataset))
+        if epochs > limit:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"trainer.max_steps={steps} passes over the {len(self.train_dataset)} train sequences "
+                           f"(seq_len {self.seq_len}) about {epochs:.0f} times: the model will memorise them and the "
+                           f"validation loss will rise. Point data.data at a larger corpus for runs of this length.")
 
     def train_dataloader(self) -> StatefulDataLoader:
         """Shuffled (seeded) train batches whose position Lightning checkpoints, so resumes are exact."""
