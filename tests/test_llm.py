@@ -165,6 +165,7 @@ BAD = [
     (dict(head_dim=7), "head_dim"),
     (dict(rms_norm_eps=0.0), "rms_norm_eps"),
     (dict(gatednorm_rank=0), "gatednorm_rank"),
+    (dict(residual_sink="gatednorm", gatednorm_kernel="cuda"), "gatednorm_kernel='cuda'.*triton"),
     (dict(norm="dyt", residual_sink="preaffine"), "residual_sink='preaffine'.*norm='dyt'"),
     (dict(rope_scaling={"type": "ntk", "factor": 2.0}), "rope_scaling"),
     (dict(rope_scaling={"type": "llama3", "factor": 2.0}), "rope_scaling.*low_freq_factor"),
@@ -185,6 +186,14 @@ def test_tile_options_reach_every_layer():
     assert (cfg.attention_spec.tile_size, cfg.attention_spec.topk_keep) == (128, 0.25)
     fb = cfg.layer_attention_spec(0)
     assert fb.backend == "flash" and (fb.tile_size, fb.topk_keep) == (128, 0.25)
+
+
+def test_gatednorm_kernel_reaches_every_norm(monkeypatch):
+    monkeypatch.setattr(GatedNorm, "fused", False)  # the class default (SINKFREE_FUSED_GATEDNORM unset)
+    for kernel, fused in (("torch", False), ("triton", True)):
+        norms = [m for m in LLM(tiny(residual_sink="gatednorm", gatednorm_kernel=kernel)).modules()
+                 if isinstance(m, GatedNorm)]
+        assert len(norms) == 2 * 2 + 1 and all(m.fused is fused for m in norms)
 
 
 def test_config_rejects_sink_on_backend_without_sinks(monkeypatch):
