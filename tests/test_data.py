@@ -123,6 +123,25 @@ def test_local_files(tmp_path, cache):
         assert len(one.val_dataset) > 0 and len(one.train_dataset) > 0
 
 
+def test_code_folder_corpus(tmp_path, cache):
+    """Source code and markup count as plain text (a folder of code is a corpus); a file matched twice is read once."""
+    pkg = tmp_path / "pkg" / "sub"
+    pkg.mkdir(parents=True)
+    (pkg / "mod.py").write_text("def add(a, b):\n    return a + b\n" * 30)
+    (pkg / "kern.h").write_text("static inline int add(int a, int b) { return a + b; }\n" * 30)
+    (tmp_path / "pkg" / "README.md").write_text("# pkg\nAdds numbers.\n" * 30)
+    (tmp_path / "pkg" / "data.bin").write_bytes(bytes(range(256)))
+    root = str(tmp_path / "pkg")
+    src = resolve_source([root + "/**/*.py", root + "/**/*.h", root, root + "/sub/mod.py"])
+    names = [name for name, _ in src.documents()]
+    assert names == [str(pkg / "mod.py"), str(pkg / "kern.h"), str(tmp_path / "pkg" / "README.md")]
+    dm = TextDataModule(data=root, vocab_size=280, seq_len=16, batch_size=2, val_fraction=0.0,
+                        cache_dir=str(cache), progress=False)
+    dm.setup()
+    text = dm.tokenizer.decode(next(iter(dm.train_dataloader()))["input_ids"][0].tolist())
+    assert any(w in text for w in ("add", "return", "static", "numbers"))
+
+
 def test_bad_inputs(tmp_path):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(FileNotFoundError, match=rf"data\.data.*{missing.name}"):
@@ -130,7 +149,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data\.data.*no file matches"):
         TextDataModule(data=str(tmp_path / "*.txt"))
     (tmp_path / "x.csv").write_text("a,b")
-    with pytest.raises(ValueError, match=r"data\.data.*\.txt, \.json, \.jsonl, \.parquet"):
+    with pytest.raises(ValueError, match=r"data\.data.*unsupported file type.*x\.csv.*\.txt, .*\.py, .*\.parquet"):
         TextDataModule(data=str(tmp_path / "x.csv"))
     with pytest.raises(ValueError, match=r"data\.seq_len"):
         TextDataModule(seq_len=1)

@@ -18,7 +18,12 @@ from pathlib import Path
 
 Document = tuple[str, str]
 
-ALLOWED_EXTENSIONS = (".txt", ".json", ".jsonl", ".parquet")
+# Plain-text files are one document each (prose, markup and source code: a folder of code is a corpus);
+# row files hold one document per row in `text_field`.
+TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".tex", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".cu", ".cuh",
+                   ".rs", ".go", ".java", ".js", ".ts")
+ROW_EXTENSIONS = (".json", ".jsonl", ".parquet")
+ALLOWED_EXTENSIONS = TEXT_EXTENSIONS + ROW_EXTENSIONS
 # Without a cap the stdlib corpus is ~12 MB; 4 MB keeps tokenizer training and tokenization at seconds.
 DEFAULT_CORPUS_BYTES = 4_000_000
 # Folders of the stdlib that hold tests, installed packages or build artefacts rather than library prose/code.
@@ -91,7 +96,8 @@ def stdlib_source_files(root: Path) -> list[Path]:
 
 @dataclass
 class FileSource:
-    """Local .txt (one document per file) and .json/.jsonl/.parquet (one document per row) files."""
+    """Local plain-text files (`TEXT_EXTENSIONS`, one document per file) and .json/.jsonl/.parquet files (one
+    document per row)."""
 
     paths: list[str]
     text_field: str = "text"
@@ -110,7 +116,7 @@ class FileSource:
 
     def _all(self) -> Iterator[Document]:
         for path in self.paths:
-            if path.endswith(".txt"):
+            if path.endswith(TEXT_EXTENSIONS):
                 yield path, Path(path).read_text(encoding="utf-8", errors="replace")
                 continue
             import datasets
@@ -164,8 +170,10 @@ def _looks_like_path(s: str) -> bool:
 
 
 def expand_files(patterns: Sequence[str], option: str = "data.data") -> list[str]:
-    """Expand files, folders and globs into a sorted list of supported files, or raise naming `option`."""
+    """Expand files, folders and globs into a list of supported files (each pattern's matches sorted, a file named
+    twice kept once, at its first place), or raise naming `option`."""
     files: list[str] = []
+    seen: set[str] = set()
     for pattern in patterns:
         pattern = os.path.expanduser(str(pattern))
         if os.path.isdir(pattern):
@@ -173,7 +181,7 @@ def expand_files(patterns: Sequence[str], option: str = "data.data") -> list[str
             if not found:
                 raise FileNotFoundError(f"{option}: folder {pattern!r} has no {'/'.join(ALLOWED_EXTENSIONS)} files")
         elif glob.has_magic(pattern):
-            found = sorted(glob.glob(pattern, recursive=True))
+            found = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
             if not found:
                 raise FileNotFoundError(f"{option}: no file matches {pattern!r}")
         elif os.path.isfile(pattern):
@@ -183,7 +191,11 @@ def expand_files(patterns: Sequence[str], option: str = "data.data") -> list[str
         for f in found:
             if os.path.splitext(f)[1] not in ALLOWED_EXTENSIONS:
                 raise ValueError(f"{option}: unsupported file type {f!r}; allowed: {', '.join(ALLOWED_EXTENSIONS)}")
-        files.extend(found)
+        for f in found:
+            key = os.path.realpath(f)
+            if key not in seen:
+                seen.add(key)
+                files.append(f)
     return files
 
 

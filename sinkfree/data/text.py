@@ -26,7 +26,7 @@ class TextDataModule(L.LightningDataModule):
     """Language-modelling batches `{"input_ids": LongTensor (batch_size, seq_len + 1)}`; the task shifts them.
 
     Args:
-        data: None = the Python stdlib sources and pydoc topics shipped with this interpreter (no download); or local files, folders or globs of .txt/.json/.jsonl/.parquet; or a `datasets` name (`name` or `name:config`).
+        data: None = the Python stdlib sources and pydoc topics shipped with this interpreter (no download); or local files, folders or globs (recursive `**`) of plain text (.txt .md .rst .tex and source code: .py .c .h .cpp .cu .rs .go .java .js .ts ...; one document per file) or .json/.jsonl/.parquet (one document per row); or a `datasets` name (`name` or `name:config`).
         text_field: Column holding the text in json/jsonl/parquet rows and `datasets` rows.
         tokenizer: Path to a tokenizer.json to use; None = train a byte-level BPE on the data and cache it.
         vocab_size: Vocabulary size when training a tokenizer (ignored with `tokenizer`); read the real size from the `vocab_size` attribute.
