@@ -118,7 +118,8 @@ def _build_parser() -> argparse.ArgumentParser:
                     "interpreter (no download).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--data", nargs="+", default=None, metavar="PATH_OR_NAME",
-                       help="files, folders or globs of .txt/.json/.jsonl/.parquet, or one `datasets` name "
+                       help="files, folders or globs (recursive **) of plain text or source code (.txt .md .py .h ...) or "
+                            ".json/.jsonl/.parquet, or one `datasets` name "
                             "(name or name:config); omit for the embedded stdlib corpus")
     train.add_argument("--vocab-size", type=int, default=8192,
                        help=f"vocabulary size including the 3 special tokens (at least {MIN_VOCAB})")
