@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sinkfree.bench import bench_main
-from sinkfree.bench.accuracy import Provider, default_providers, evaluate, format_table, reference, summary
+from sinkfree.bench.accuracy import Provider, checks, default_providers, evaluate, format_table, reference, summary
 from sinkfree_kernels import attention_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")
@@ -94,6 +94,23 @@ def test_evaluate_reports_sensible_numbers_and_fails_broken_providers():
     table = format_table(infos, results, "cpu", with_sink=True)
     assert "PASS (floor)" in table and "FAIL" in table and "out relL1<=0.03" in table
     assert any(line.startswith("flash-bf16: 1/1 PASS") for line in summary(results))
+
+
+def test_outlier_cases_use_the_reference_threshold_and_smoothing_matters():
+    """k-offset / large-q rows need out cos >= 0.999 (reference section 6.2), the normal case 0.9995 and relL1
+    <= 0.03; with an 8-sigma K channel offset, sage8 without K smoothing is clearly worse than with it."""
+    m = {"out": {"cos": 0.9993, "rel_l1": 0.035, "finite": True}, "dv": {"cos": 0.9995, "finite": True}}
+    assert all(checks("large-q", m).values()) and all(checks("k-offset", m).values())
+    normal = checks("normal", m)
+    assert not normal["out cos>=0.9995"] and not normal["out relL1<=0.03"]
+    assert not all(checks("large-q", {**m, "out": {**m["out"], "cos": 0.9989}}).values())
+    infos, results = evaluate("1x2x128x64", ["k-offset"], default_providers(["sage8", "sage8 no-smooth"]), seed=3)
+    r = {x.provider: x.metrics for x in results}
+    smooth, raw = r["sage8"], r["sage8 no-smooth"]
+    assert smooth["out"]["cos"] > 0.999 and raw["out"]["cos"] < smooth["out"]["cos"], r
+    # the INT8 QK error shows in the LSE and in dQ: ~6x and ~20x larger without smoothing at this size
+    assert raw["lse"]["max_abs"] > 4 * smooth["lse"]["max_abs"], r
+    assert 1 - raw["dq"]["cos"] > 5 * (1 - smooth["dq"]["cos"]), r
 
 
 def test_cli_json_and_usage(tmp_path, capsys):

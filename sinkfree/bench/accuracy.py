@@ -25,10 +25,14 @@ Providers (--providers):
   sage8          sage8_attention (INT8 QK, FP8 PV, 8-bit backward)
   sage8 v_split  sage8_attention(..., v_split=True) (V as two FP8 terms)
   sage8-infer    sage8_attention(..., infer=True): forward only
+  sage8 no-smooth  sage8_attention(..., smooth_k=False): not in the default set; run it with the k-offset
+                 case to see the failure that K smoothing prevents
 (quote names with a space: --providers flash-bf16 'sage8 v_split')
 
-Checks (issue 7's done-when), PASS when all hold for a row: every measured tensor finite; out cosine
->= 0.9995 and relative L1 (sum|a - r| / sum|r|) <= 0.03; cosine of dV >= 0.999, of dQ and dK >= 0.995. The
+Checks (issue 7's done-when, thresholds of reference/lowbit_attention.md section 6.2), PASS when all hold for a
+row: every measured tensor finite; normal case: out cosine >= 0.9995 and relative L1 (sum|a - r| / sum|r|)
+<= 0.03; outlier cases (k-offset, large-q): out cosine >= 0.999 (relative L1 reported); every case with a
+backward: cosine of dV >= 0.999, of dQ and dK >= 0.995. The
 sink gradient (its relative L1 in the table: a cosine over H numbers says little) and the LSE are reported
 without a threshold. Metrics are computed in fp64: cosine,
 relative L1, max abs error, finite. The table shows one row per (shape, case, provider); "L1/floor" is the
@@ -56,9 +60,11 @@ SHAPES = [f"1x4x{s}x{d}{c}" for s in (4096, 16384) for d in (64, 128) for c in (
 CASES = ("normal", "k-offset", "large-q", "logits-1e4")
 FORWARD_ONLY_CASES = ("logits-1e4",)
 PROVIDERS = ("cudnn-bf16", "flash-bf16", "sage8", "sage8 v_split", "sage8-infer")
+EXTRA_PROVIDERS = ("sage8 no-smooth",)  # selectable, not run by default
 FLOOR = "cudnn-bf16"
 
 OUT_COS, OUT_REL_L1 = 0.9995, 0.03
+OUTLIER_CASES, OUTLIER_OUT_COS = ("k-offset", "large-q"), 0.999
 GRAD_COS = {"dq": 0.995, "dk": 0.995, "dv": 0.999}
 HUGE_LOGIT_COS = 0.95  # sanity only (the issue asks finiteness at |logits| ~1e4)
 GRADS = ("dq", "dk", "dv", "dsink")
@@ -129,6 +135,7 @@ def default_providers(names=PROVIDERS) -> dict[str, Provider]:
         "sage8": Provider(sage8()),
         "sage8 v_split": Provider(sage8(v_split=True)),
         "sage8-infer": Provider(sage8(infer=True), backward=False),
+        "sage8 no-smooth": Provider(sage8(smooth_k=False)),
     }
     return {n: table[n] for n in names}
 
@@ -264,8 +271,11 @@ def checks(case: str, m: dict) -> dict:
     if case in FORWARD_ONLY_CASES:
         c[f"out cos>={HUGE_LOGIT_COS} (sanity)"] = m["out"]["cos"] >= HUGE_LOGIT_COS
         return c
-    c[f"out cos>={OUT_COS}"] = m["out"]["cos"] >= OUT_COS
-    c[f"out relL1<={OUT_REL_L1}"] = m["out"]["rel_l1"] <= OUT_REL_L1
+    if case in OUTLIER_CASES:
+        c[f"out cos>={OUTLIER_OUT_COS}"] = m["out"]["cos"] >= OUTLIER_OUT_COS
+    else:
+        c[f"out cos>={OUT_COS}"] = m["out"]["cos"] >= OUT_COS
+        c[f"out relL1<={OUT_REL_L1}"] = m["out"]["rel_l1"] <= OUT_REL_L1
     for g, thr in GRAD_COS.items():
         if g in m:
             c[f"{g} cos>={thr}"] = m[g]["cos"] >= thr
@@ -457,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "causal and not")
     p.add_argument("--cases", nargs="*", default=list(CASES), choices=CASES,
                    help="input cases (see above); default: all")
-    p.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS,
+    p.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS + EXTRA_PROVIDERS,
                    help="implementations to compare (see above); default: all")
     p.add_argument("--sink", action="store_true",
                    help="add a learnable-style sink logit per head (N(0, 1)) to every provider that takes one "
@@ -522,7 +532,8 @@ def accuracy_main(argv=None) -> int:
         with open(args.json, "w") as fh:
             json.dump(_jsonable({"card": card, "torch": torch.__version__, "dtype": str(dtype)[6:],
                                  "ref_dtype": args.ref_dtype, "settings": vars(args), "cases": infos,
-                                 "thresholds": {"out_cos": OUT_COS, "out_rel_l1": OUT_REL_L1, **{
+                                 "thresholds": {"out_cos": OUT_COS, "out_rel_l1": OUT_REL_L1,
+                                                "outlier_out_cos": OUTLIER_OUT_COS, **{
                                      f"{g}_cos": t for g, t in GRAD_COS.items()},
                                      "huge_logit_out_cos": HUGE_LOGIT_COS},
                                  "results": [asdict(r) for r in results]}), fh, indent=1)
