@@ -98,8 +98,7 @@ class PreAffineRMSNorm(RMSNorm):
 
 
 class GatedNorm(RMSNorm):
-    """y = RMSNorm(x); y · gate_scale · σ(W_up SiLU(W_down y)) with a rank-r bottleneck. Under autocast y and the
-    output are in the autocast dtype (the matmuls that read them would cast them anyway).
+    """y = RMSNorm(x); y · gate_scale · σ(W_up SiLU(W_down y)) with a rank-r bottleneck.
 
     On CUDA the forward runs the fused Triton op `sinkfree::gated_norm_fwd` (sinkfree_kernels.gated_norm)
     when `GatedNorm.fused` is True (opt-in: SINKFREE_FUSED_GATEDNORM=1; measured slower than the compiled PyTorch
@@ -136,11 +135,6 @@ class GatedNorm(RMSNorm):
                 return gated_norm(x, self.effective_weight(), self.gate_down.weight, self.gate_up.weight,
                                   self.eps, self.gate_scale)
         y = super().forward(x)
-        if torch.is_autocast_enabled(y.device.type):
-            # Under autocast the gate's matmuls and every consumer read y in the autocast dtype anyway; keeping
-            # y and the product in it (instead of fp32 next to an fp32 residual stream) halves the bytes the
-            # norm's forward and backward move. Without autocast the math stays in x's dtype.
-            y = y.to(torch.get_autocast_dtype(y.device.type))
         return y * self.gate(y)
 
     def extra_repr(self) -> str:
