@@ -104,10 +104,11 @@ def bench_model(args, run, device: str = "cuda") -> list[dict]:
         x = torch.randn(args.batch, cfg.in_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw, device=device,
                         dtype=torch.bfloat16)
         t = torch.rand(args.batch, device=device, dtype=torch.bfloat16)
-        attn_ctx = sdpa_kernel([SDPBackend.CUDNN_ATTENTION]) if device == "cuda" else nullcontext()
+        # a fresh context per step: sdpa_kernel's context manager is single-use (re-entering it raises)
+        attn_ctx = (lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])) if device == "cuda" else nullcontext
 
         def train_step(fwd=fwd, opt=opt, attn_ctx=attn_ctx):
-            with attn_ctx:
+            with attn_ctx():
                 loss = fwd(x, t).float().square().mean()
             loss.backward()
             opt.step()
