@@ -7,7 +7,7 @@
 #   OUT=gpu-logs bash .ci/gpu-check.sh bench-lm bench-vsa                    # ~7 minutes
 #   OUT=gpu-logs bash .ci/gpu-check.sh ab-vsa:dense ab-vsa:dense2            # one arm per stage (≤ 590 s each)
 #   OUT=gpu-logs bash .ci/gpu-check.sh ab-vsa:vsa ab-vsa:compare
-#   OUT=gpu-logs bash .ci/gpu-check.sh ab-sage8:bf16 ab-sage8:bf16-2 ab-sage8:sage8 ab-sage8:compare
+#   OUT=gpu-logs bash .ci/gpu-check.sh ab-sage8:corpus ab-sage8:bf16 ab-sage8:bf16-2 ab-sage8:sage8 ab-sage8:compare
 # Arms of one A/B may also run at once on a large card: start several invocations in the background, with
 # ARM_CAP (seconds per arm, default 590) raised to allow for the shared card.
 # Compare figures only within one stage's log: each stage runs its baselines in the same process or call.
@@ -88,6 +88,16 @@ for s in "$@"; do
         vsa) args="--config recipes/dit/video-vsa.yaml $common" ;;
         esac
         stage "ab-vsa-$arm" "$ARM_CAP" bash -c "sf fit $args" ;;
+    ab-vsa-short:dense|ab-vsa-short:dense2|ab-vsa-short:vsa|ab-vsa-short:vsa2)  # issue 6 control: EMA from
+        # after the ramp. 1500 steps, ramp every 25 steps (0.875 at step 725), EMA updates from step 750 (Lightning
+        # then validates the untouched initial weights before step 750), no sample GIFs.
+        arm=${s#ab-vsa-short:}; kind=${arm%2}
+        sed 's/^\(\s*\)decay: 0.999/\1decay: 0.999\n\1update_starting_at_step: 750/; s/every_n_steps: 50/every_n_steps: 25/' \
+            recipes/dit/video-$kind.yaml > "$OUT/video-$kind-short.yaml"
+        seed=""; [ "$arm" != "$kind" ] && seed="--seed_everything 2"
+        stage "ab-vsa-short-$arm" "$ARM_CAP" bash -c "sf fit --config $OUT/video-$kind-short.yaml $seed --data.size 32 \
+            --trainer.max_steps 1500 --model.val_samples 0 --trainer.enable_progress_bar=false \
+            --trainer.logger.init_args.save_dir $OUT/runs --trainer.logger.init_args.name short-$arm" ;;
     ab-vsa:compare)
         stage ab-vsa-compare 60 bash -c "sf compare $OUT/runs/video-dense $OUT/runs/video-dense-seed2 \
             $OUT/runs/video-vsa --labels dense dense-s2 vsa --seed-pair 0 1 --tolerance 0 --max-rel 0.03 \
@@ -105,7 +115,7 @@ dm = TextDataModule(data=json.loads(os.environ[\"AB_DATA\"]), tokenizer=os.envir
 dm.prepare_data(); dm.setup()
 n = len(dm.train_dataset)
 print(f\"corpus: {len(dm.source.paths)} files, {n} train windows of 2048 = {n * 2048 / 1e6:.1f}M tokens \"
-      f\"({n / 32000:.2f} passes in 1000 steps of 32), {len(dm.val_dataset)} validation windows\")"' ;;
+      f\"({32000 / n:.2f} passes over it in 1000 steps of 32), {len(dm.val_dataset)} validation windows\")"' ;;
     ab-sage8:bf16|ab-sage8:bf16-2|ab-sage8:sage8)  # issue 7 quality: 125m-sink-logit (qk_norm), 64k tokens/step
         arm=${s#ab-sage8:}
         common="--config recipes/llm/125m-sink-logit.yaml --trainer.max_steps 1000 --data.batch_size 32 \
@@ -123,7 +133,8 @@ print(f\"corpus: {len(dm.source.paths)} files, {n} train windows of 2048 = {n * 
             --labels bf16 bf16-s2 sage8 --seed-pair 0 1 --out $OUT/compare-sage8 --json $OUT/compare-sage8.json" ;;
     *) echo "unknown stage $s: tests tests-sage8 bench-attn-tma bench-sparse bench-sage8 bench-lm bench-lm-gn" \
             "bench-lm-autotune bench-vsa" \
-            "ab-vsa:{dense,dense2,vsa,compare} ab-sage8:{bf16,bf16-2,sage8,compare}"
+            "ab-vsa:{dense,dense2,vsa,compare} ab-vsa-short:{dense,dense2,vsa,vsa2}" \
+            "ab-sage8:{corpus,bf16,bf16-2,sage8,compare}"
        exit 2 ;;
     esac
 done
