@@ -89,10 +89,9 @@ for s in "$@"; do
         esac
         stage "ab-vsa-$arm" "$ARM_CAP" bash -c "sf fit $args" ;;
     ab-vsa-short:dense|ab-vsa-short:dense2|ab-vsa-short:vsa|ab-vsa-short:vsa2)  # issue 6 control: EMA from
-        # after the ramp. 1500 steps, ramp every 25 steps (0.875 at step 725), EMA updates from step 750 (Lightning
-        # then validates the untouched initial weights before step 750), no sample GIFs.
+        # after the ramp. 1500 steps, ramp every 25 steps (0.875 at step 725), EMA updates from step 750, no GIFs.
         arm=${s#ab-vsa-short:}; kind=${arm%2}
-        sed 's/^\(\s*\)decay: 0.999/\1decay: 0.999\n\1update_starting_at_step: 750/; s/every_n_steps: 50/every_n_steps: 25/' \
+        sed 's/update_starting_at_step: 1500/update_starting_at_step: 750/; s/every_n_steps: 50/every_n_steps: 25/' \
             recipes/dit/video-$kind.yaml > "$OUT/video-$kind-short.yaml"
         seed=""; [ "$arm" != "$kind" ] && seed="--seed_everything 2"
         stage "ab-vsa-short-$arm" "$ARM_CAP" bash -c "sf fit --config $OUT/video-$kind-short.yaml $seed --data.size 32 \
