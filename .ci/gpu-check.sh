@@ -78,9 +78,11 @@ for s in "$@"; do
     bench-vsa)  # issue 6: full VSA vs dense at 32768 tokens, and a dit-video-b training step
         stage vsa 240 bash -c "sf bench vsa --model dit-video-b --json $OUT/vsa.json"
         stage vsa-compiled 400 bash -c "sf bench vsa --model dit-video-b --compile --json $OUT/vsa-compiled.json" ;;
-    ab-vsa:dense|ab-vsa:dense2|ab-vsa:vsa)  # issue 6 quality: 4096-token grid, 3000 steps per arm (~3-5 min each)
+    ab-vsa:dense|ab-vsa:dense2|ab-vsa:vsa)  # issue 6 quality, 3000 steps per arm. AB_VSA_SIZE=32 (default):
+        # 4,096 tokens, 64 tiles, ~6 min an arm on its own H200; AB_VSA_SIZE=64: the recipes' own 16,384 tokens,
+        # 256 tiles, ~18 min an arm (start the arms in the background on separate cards, ARM_CAP=1500).
         arm=${s#ab-vsa:}
-        common="--data.size 32 --trainer.enable_progress_bar=false --trainer.logger.init_args.save_dir $OUT/runs"
+        common="--data.size ${AB_VSA_SIZE:-32} --trainer.enable_progress_bar=false --trainer.logger.init_args.save_dir $OUT/runs"
         case $arm in
         dense) args="--config recipes/dit/video-dense.yaml $common" ;;
         dense2) args="--config recipes/dit/video-dense.yaml $common --seed_everything 2 \
