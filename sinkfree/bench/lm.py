@@ -12,6 +12,8 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
+from sinkfree.bench.profiling import format_kernels, kernel_table
+
 
 def matmul_peak_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
     """Measured dense matmul rate of this GPU in TFLOP/s (median of triton's do_bench)."""
@@ -74,18 +76,7 @@ class ProfileSteps(L.Callback):
         self.prof.__exit__(None, None, None)
         if self.trace:
             self.prof.export_chrome_trace(self.trace)
-        rows = []
-        for e in self.prof.key_averages():
-            dev_us = getattr(e, "self_device_time_total", None)
-            if dev_us is None:
-                dev_us = getattr(e, "self_cuda_time_total", 0)
-            annotation = getattr(e, "is_user_annotation", False) or "#" in e.key  # e.g. Optimizer.step#AdamW.step
-            if dev_us > 0 and e.device_type.name == "CUDA" and not annotation:
-                rows.append({"kernel": e.key, "ms_per_step": dev_us / 1e3 / self.n, "calls_per_step": e.count / self.n})
-        rows.sort(key=lambda r: -r["ms_per_step"])
-        total = sum(r["ms_per_step"] for r in rows)
-        self.kernels = [{"kernel": "(all GPU kernels)", "ms_per_step": total, "calls_per_step":
-                         sum(r["calls_per_step"] for r in rows)}] + rows[: self.top]
+        self.kernels = kernel_table(self.prof, self.n, self.top)
 
 
 def bench_recipe(recipe: str, steps: int, skip: int, overrides: list[str], monitor_every: int = 0,
@@ -196,8 +187,7 @@ def lm_main(argv: list[str]) -> int:
     for r in rows:
         if "profile" in r:
             print(f"\nGPU kernels of {r['recipe']} (ms per step, profiled over {a.profile_steps} steps):")
-            for k in r["profile"][:26]:
-                print(f"  {k['ms_per_step']:8.3f} ms {k['calls_per_step']:7.1f}x  {k['kernel'][:110]}")
+            print("\n".join(format_kernels(r["profile"])))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"card": card, "matmul_peak_tflops": peak, "rows": rows}, f, indent=2)

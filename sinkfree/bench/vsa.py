@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile both models of the --model training step (dense and VSA)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up in ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
+    p.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                   help="with --model: after timing, run N more training steps of each arm under torch.profiler and "
+                        "print its top GPU kernels in ms per step (all of them in the JSON, top 80)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     return p
 
@@ -119,6 +122,10 @@ def bench_model(args, run, device: str = "cuda") -> list[dict]:
         name = f"{args.model} {backend}" + (" compiled" if args.compile else "")
         rows.append(dict(section="model", name=name, mode="train step", ms=ms, S=math.prod(grid),
                          params=model.num_params(), compiled=bool(args.compile)))
+        if getattr(args, "profile_steps", 0):
+            from sinkfree.bench import profiling
+
+            rows[-1]["profile"] = profiling.profile_calls(train_step, args.profile_steps)
         print(f"model     {name:28s} train step {ms:9.3f} ms", flush=True)
         model = fwd = opt = train_step = None
         if device == "cuda":
@@ -128,7 +135,11 @@ def bench_model(args, run, device: str = "cuda") -> list[dict]:
 
 def vsa_main(argv: list[str]) -> int:
     """Entry point of `sinkfree bench vsa`."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.profile_steps < 0 or (args.profile_steps and not args.model):
+        parser.error(f"--profile-steps {args.profile_steps}: must be >= 0, and > 0 only with --model "
+                     "(it profiles the training steps)")
     if not torch.cuda.is_available():
         print("sinkfree bench vsa: error: needs a CUDA GPU (benchmarks are measured on H100/H200)", file=sys.stderr)
         return 2
@@ -146,6 +157,12 @@ def vsa_main(argv: list[str]) -> int:
         extra = f"  coarse+select / fine = {r['ms'] / fine:.1%}" if r["name"].startswith("VSA coarse") else ""
         tf = f"{r['eff_tflops']:7.1f} eff TFLOP/s" if r.get("eff_tflops") else " " * 21
         print(f"{r['section']:9s} {r['name']:28s} {r['mode']:10s} {r['ms']:9.3f} ms {tf}  x dense {ratio:5.2f}{extra}")
+    from sinkfree.bench.profiling import format_kernels
+
+    for r in rows:
+        if "profile" in r:
+            print(f"\nGPU kernels of {r['name']} (ms per training step, profiled over {args.profile_steps} steps):")
+            print("\n".join(format_kernels(r["profile"])))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(card=torch.cuda.get_device_name(), rows=rows), f, indent=1)
