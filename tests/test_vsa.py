@@ -41,6 +41,22 @@ def test_tile_untile_round_trip(grid, tile):
     assert torch.equal((t // tile[0] * nh + h // tile[1]) * nw + w // tile[2], tl.tile_of)
     q = torch.randn(2, 2, s, 8)
     assert torch.equal(unpad_tiles(pad_tiles(q, tl), tl), q)
+    # the closed-form tile sizes are the counts of tokens per tile
+    assert torch.equal(tl.tile_len, torch.bincount(tl.tile_of, minlength=tl.n_tiles).to(torch.int32))
+
+
+def test_dit_vsa_compiles_without_graph_breaks():
+    """The tiling is built from static-shape ops, so Dynamo traces a VSA DiT forward as one graph (a bincount
+    there used to break it in two and rebuild the tiling eagerly every step)."""
+    import torch._dynamo
+
+    cfg = DiTConfig.from_name("dit-tiny", attn_backend="vsa", vsa_sparsity=0.5, vsa_tile=(4, 4, 4))
+    model = DiT(cfg)
+    pt, ph, pw = cfg.patch_size
+    x, t = torch.randn(1, cfg.in_channels, 4 * pt, 8 * ph, 9 * pw), torch.rand(1)  # partial tiles along W
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x, t)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
 
 
 def test_topk_rule():

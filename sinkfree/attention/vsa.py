@@ -79,12 +79,15 @@ class VSATiling:
         return any(g % t for g, t in zip(self.grid, self.tile))
 
 
-@functools.lru_cache(maxsize=64)
-def _tiling(grid: tuple[int, int, int], tile: tuple[int, int, int], device: str) -> VSATiling:
+def _build_tiling(grid: tuple[int, int, int], tile: tuple[int, int, int], device: str) -> VSATiling:
+    # Built on `device` from static-shape ops only (no bincount), so torch.compile traces it into the graph
+    # without a break or host-to-device copies.
     T, H, W = grid
     a, b, c = tile
-    nh, nw = -(-H // b), -(-W // c)
-    t, h, w = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
+    dev = torch.device(device)
+    nt, nh, nw = -(-T // a), -(-H // b), -(-W // c)
+    t, h, w = torch.meshgrid(torch.arange(T, device=dev), torch.arange(H, device=dev), torch.arange(W, device=dev),
+                             indexing="ij")
     t, h, w = t.flatten(), h.flatten(), w.flatten()  # raster coordinates (S,)
     tile_id = ((t // a) * nh + h // b) * nw + w // c
     # actual extent of each token's tile along h and w (edge tiles are partial)
@@ -94,11 +97,16 @@ def _tiling(grid: tuple[int, int, int], tile: tuple[int, int, int], device: str)
     key = tile_id * (a * b * c) + local
     perm = torch.argsort(key)
     slot = key[perm]
-    n_tiles = -(-T // a) * nh * nw
-    tile_len = torch.bincount(tile_id, minlength=n_tiles).to(torch.int32)
-    dev = torch.device(device)
-    return VSATiling(grid, tile, perm.to(dev), torch.argsort(perm).to(dev), slot.to(dev), tile_len.to(dev),
-                     (slot // (a * b * c)).to(dev))
+
+    def extent(n: int, size: int, count: int) -> torch.Tensor:  # tokens of each tile along one axis
+        return torch.clamp(n - torch.arange(count, device=dev) * size, max=size)
+
+    tile_len = (extent(T, a, nt)[:, None, None] * extent(H, b, nh)[None, :, None]
+                * extent(W, c, nw)[None, None, :]).flatten().to(torch.int32)
+    return VSATiling(grid, tile, perm, torch.argsort(perm), slot, tile_len, slot // (a * b * c))
+
+
+_tiling = functools.lru_cache(maxsize=64)(_build_tiling)  # eager calls reuse the index tensors
 
 
 def vsa_tiling(grid, tile=(4, 4, 4), device=None) -> VSATiling:
@@ -106,7 +114,8 @@ def vsa_tiling(grid, tile=(4, 4, 4), device=None) -> VSATiling:
     grid = tuple(int(n) for n in grid)
     if len(grid) != 3 or min(grid) < 1:
         raise ValueError(f"VSA token grid {list(grid)} must be three positive sizes (T, H, W)")
-    return _tiling(grid, check_vsa_tile(tile), str(torch.device(device or "cpu")))
+    build = _build_tiling if torch.compiler.is_compiling() else _tiling  # Dynamo would skip the cache anyway
+    return build(grid, check_vsa_tile(tile), str(torch.device(device or "cpu")))
 
 
 def tile_tokens(x: torch.Tensor, tiling: VSATiling, dim: int = 1) -> torch.Tensor:
