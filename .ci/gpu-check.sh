@@ -16,20 +16,22 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-logs}
 ARM_CAP=${ARM_CAP:-590}
 mkdir -p "$OUT"
-# The sage8 A/B corpus: every .py/.pyi/.h/.hpp/.cuh under the interpreter's stdlib and package folders
-# (AB_ROOTS, colon-separated, overrides the folders).
-if [ -n "${AB_ROOTS:-}" ]; then IFS=: read -r -a roots <<< "$AB_ROOTS"; else
-    mapfile -t roots < <(python3 -c "import site, sys, sysconfig
+ab_corpus() {  # sets AB_GLOBS / AB_DATA / AB_TOKENIZER, the sage8 A/B corpus: every .py/.pyi/.h/.hpp/.cuh under the
+    # interpreter's stdlib and package folders (AB_ROOTS, colon-separated, overrides the folders)
+    local roots
+    if [ -n "${AB_ROOTS:-}" ]; then IFS=: read -r -a roots <<< "$AB_ROOTS"; else
+        mapfile -t roots < <(python3 -c "import site, sys, sysconfig
 print('\n'.join(dict.fromkeys([sysconfig.get_paths()['stdlib'], *site.getsitepackages(), *(p for p in sys.path if 'site' in p)])))")
-fi
-AB_GLOBS=$(python3 -c "import os, sys
+    fi
+    AB_GLOBS=$(python3 -c "import os, sys
 exts = ('.py', '.pyi', '.h', '.hpp', '.cuh')
 for r in sys.argv[1:]:
     have = {os.path.splitext(f)[1] for _, _, fs in os.walk(r) for f in fs} if os.path.isdir(r) else set()
     print(' '.join(f'{r}/**/*{e}' for e in exts if e in have))" "${roots[@]}" | tr '\n' ' ')
-AB_DATA=$(set -f; python3 -c "import json, sys; print(json.dumps(sys.argv[1:]))" $AB_GLOBS)
-AB_TOKENIZER=${AB_TOKENIZER:-${SINKFREE_CACHE:-$HOME/.cache/sinkfree}/ab-sage8-tokenizer.json}
-export AB_GLOBS AB_DATA AB_TOKENIZER
+    AB_DATA=$(set -f; python3 -c "import json, sys; print(json.dumps(sys.argv[1:]))" $AB_GLOBS)
+    AB_TOKENIZER=${AB_TOKENIZER:-${SINKFREE_CACHE:-$HOME/.cache/sinkfree}/ab-sage8-tokenizer.json}
+    export AB_GLOBS AB_DATA AB_TOKENIZER
+}
 sf() { python3 -c "import sys; from sinkfree.cli import main; sys.exit(main())" "$@"; }
 
 stage() {  # stage NAME SECONDS COMMAND...: run with a time cap, log, and print the log's tail
@@ -105,6 +107,7 @@ for s in "$@"; do
             $OUT/runs/video-vsa --labels dense dense-s2 vsa --seed-pair 0 1 --tolerance 0 --max-rel 0.03 \
             --out $OUT/compare-vsa --json $OUT/compare-vsa.json" ;;
     ab-sage8:corpus)  # issue 7's A/B text, no download: this machine's Python sources and C/C++/CUDA headers
+        ab_corpus
         # (~60M+ tokens; the embedded stdlib corpus is ~3M and 1000 steps x 64k tokens would memorise it).
         # A tokenizer trained on the first 60 MB, then every document tokenized once into $SINKFREE_CACHE.
         stage ab-sage8-corpus 900 bash -c 'set -f; TOKENIZERS_PARALLELISM=true sf tokenizer train --data $AB_GLOBS \
@@ -120,6 +123,7 @@ print(f\"corpus: {len(dm.source.paths)} files, {n} train windows of 2048 = {n * 
       f\"({32000 / n:.2f} passes over it in 1000 steps of 32), {len(dm.val_dataset)} validation windows\")"' ;;
     ab-sage8:bf16|ab-sage8:bf16-2|ab-sage8:sage8)  # issue 7 quality: 125m-sink-logit (qk_norm), 64k tokens/step
         arm=${s#ab-sage8:}
+        ab_corpus
         common="--config recipes/llm/125m-sink-logit.yaml --trainer.max_steps 1000 --data.batch_size 32 \
             --model.warmup_steps 100 --trainer.val_check_interval 250 --trainer.enable_progress_bar=false \
             --trainer.logger.init_args.save_dir $OUT/runs --data.data '$AB_DATA' --data.tokenizer $AB_TOKENIZER"
