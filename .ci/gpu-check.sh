@@ -69,11 +69,14 @@ for s in "$@"; do
     bench-lm)  # issue 2: the gated recipe's tokens/s against the baseline, one process
         stage lm 420 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
             --steps 300 --skip 50 --profile-steps 3 --json $OUT/lm.json" ;;
-    bench-lm-gn)  # issue 2: the fused Triton GatedNorm (gatednorm_kernel: triton) next to torch's, one process
-        sed 's/^\(\s*\)residual_sink: gatednorm/\1residual_sink: gatednorm\n\1gatednorm_kernel: triton/' \
-            recipes/llm/125m-gated.yaml > "$OUT/125m-gated-triton.yaml"
-        stage lm-gn 480 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
-            $OUT/125m-gated-triton.yaml --steps 250 --skip 50 --profile-steps 3 --json $OUT/lm-gn.json" ;;
+    bench-lm-gn)  # issue 2: GatedNorm as torch, as the fused Triton op and as the Inductor-fusable torch variant
+        for k in triton inductor; do
+            sed "s/^\(\s*\)residual_sink: gatednorm/\1residual_sink: gatednorm\n\1gatednorm_kernel: $k/" \
+                recipes/llm/125m-gated.yaml > "$OUT/125m-gated-$k.yaml"
+        done
+        stage lm-gn 560 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
+            $OUT/125m-gated-inductor.yaml $OUT/125m-gated-triton.yaml --steps 250 --skip 50 --profile-steps 3 \
+            --json $OUT/lm-gn.json" ;;
     bench-lm-autotune)  # issue 2: the same with Inductor's max-autotune GEMM templates (epilogue fusion)
         stage lm-autotune 590 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
             --steps 300 --skip 100 --profile-steps 3 --set=--model.compile_mode=max-autotune-no-cudagraphs --json $OUT/lm-autotune.json" ;;

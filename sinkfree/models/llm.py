@@ -83,7 +83,9 @@ class LLMConfig:
     gatednorm_identity_init: bool = False
     """Start GatedNorm as exactly RMSNorm (W_up = 0, 2*sigmoid): for retrofits."""
     gatednorm_kernel: str = "torch"
-    """GatedNorm implementation on CUDA: torch (compiled by Inductor) or triton (the fused sinkfree_kernels op)."""
+    """GatedNorm implementation: torch (compiled by Inductor), triton (the fused sinkfree_kernels op, CUDA) or inductor
+    (torch, with the rank-r up-projection written for Inductor to fuse into the gate's pointwise kernel when
+    compiled; experimental)."""
     norm: str = "rmsnorm"
     """Residual-side norm: rmsnorm, zero_centered ((1+w), keeps weight decay), dyt or identity (ablations)."""
     attn_softmax: str = "softmax"

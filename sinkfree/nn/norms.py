@@ -11,7 +11,7 @@ from sinkfree.nn.params import no_weight_decay
 
 NORM_KINDS = ("rmsnorm", "zero_centered", "dyt", "identity")
 RESIDUAL_SINK_KINDS = ("none", "preaffine", "gatednorm")
-GATEDNORM_KERNELS = ("torch", "triton")
+GATEDNORM_KERNELS = ("torch", "triton", "inductor")
 
 
 def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -100,10 +100,12 @@ class PreAffineRMSNorm(RMSNorm):
 class GatedNorm(RMSNorm):
     """y = RMSNorm(x); y · gate_scale · σ(W_up SiLU(W_down y)) with a rank-r bottleneck.
 
-    On CUDA the forward runs the fused Triton op `sinkfree::gated_norm_fwd` (sinkfree_kernels.gated_norm)
-    when `GatedNorm.fused` is True (opt-in: SINKFREE_FUSED_GATEDNORM=1; measured slower than the compiled PyTorch
-    path on an H200, 0.739x vs 0.857x of the baseline's tokens/s for 125m-gated, see kernels/NOTES.md); the
-    PyTorch path below is used on CPU and is the reference."""
+    kernel: "torch" (the PyTorch path below, compiled by Inductor in the recipes; the reference, and what runs on
+    CPU); "triton": on CUDA the fused op `sinkfree::gated_norm_fwd` / `_bwd` (sinkfree_kernels.gated_norm), also
+    for every GatedNorm with SINKFREE_FUSED_GATEDNORM=1 (measured slower than the compiled PyTorch path on an H200:
+    0.840x vs 0.868x of the baseline's tokens/s for 125m-gated, see kernels/NOTES.md); "inductor": the PyTorch
+    path with the rank-r up-projection written as a product summed over r while torch.compile traces it, so
+    Inductor can fuse it into the gate's pointwise kernel (experimental, not yet timed)."""
 
     fused = os.environ.get("SINKFREE_FUSED_GATEDNORM", "0") == "1"  # opt-in: slower than Inductor today
 
@@ -113,6 +115,7 @@ class GatedNorm(RMSNorm):
             raise ValueError(f"gatednorm_kernel={kernel!r} is not one of {list(GATEDNORM_KERNELS)}")
         self.zero_centered = zero_centered
         super().__init__(dim, eps)
+        self.kernel = kernel
         if kernel == "triton":
             self.fused = True  # instance attribute: this norm uses the Triton op on CUDA
         self.gate_down = nn.Linear(dim, rank, bias=False)  # (C -> r)
@@ -125,7 +128,15 @@ class GatedNorm(RMSNorm):
 
     def gate(self, y: torch.Tensor) -> torch.Tensor:
         """The elementwise gate gate_scale·σ(W_up SiLU(W_down y)), same shape as y."""
-        return self.gate_scale * torch.sigmoid(self.gate_up(F.silu(self.gate_down(y))))
+        h = F.silu(self.gate_down(y))
+        if self.kernel == "inductor" and torch.compiler.is_compiling():
+            # The rank-r up-projection as a product summed over r: Inductor computes it inside the pointwise
+            # kernel of the sigmoid and the product with y, instead of a skinny GEMM whose (..., C) output is
+            # written and read back. Same math; the weight in h's dtype as nn.Linear under autocast would use.
+            u = (h.unsqueeze(-2) * self.gate_up.weight.to(h.dtype)).sum(-1)
+        else:
+            u = self.gate_up(h)
+        return self.gate_scale * torch.sigmoid(u)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and x.is_cuda:
