@@ -72,3 +72,15 @@ def test_kernel_table_sums_gpu_kernels_per_step():
     assert rows[0] == {"kernel": "(all GPU kernels)", "ms_per_step": 3.0, "calls_per_step": 3.0}
     assert rows[1:] == [{"kernel": "gemm", "ms_per_step": 2.0, "calls_per_step": 2.0}]
     assert "gemm" in format_kernels(rows)[1]
+
+
+def test_dense_arm_attention_context_can_be_entered_every_step():
+    """The CUDA context factory gives a fresh sdpa_kernel context each step (one shared context raised on its
+    second use, which stopped the GPU bench); entering it only sets backend flags, so it runs on CPU too."""
+    from sinkfree.bench.vsa import attention_context
+
+    for device in ("cuda", "cpu"):
+        make = attention_context(device)
+        for _ in range(3):
+            with make():
+                pass

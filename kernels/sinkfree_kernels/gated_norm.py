@@ -90,6 +90,19 @@ def _load_vec(ptrs, cmask, EVEN_C: tl.constexpr):
 
 
 @triton.jit
+def _reversed_chunk(i, n_chunks, xb, xo, W, WU, offs_r, rmask, rkmask, C, R, BLOCK_C: tl.constexpr,
+                    EVEN_M: tl.constexpr, EVEN_C: tl.constexpr, EVEN_R: tl.constexpr):
+    """The i-th column chunk of a second pass, last chunk first (the part of x read last in the first pass is
+    the likeliest still in L2): its offsets and mask, x (fp32), w (fp32) and the W_up rows (C-chunk, R)."""
+    offs_c = (n_chunks - 1 - i) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    x = _load_tile(xb + (xo + offs_c[None, :]), rmask, cmask, EVEN_M, EVEN_C).to(tl.float32)
+    w = _load_vec(W + offs_c, cmask, EVEN_C).to(tl.float32)
+    wu = _load_tile(WU + (offs_c[:, None] * R + offs_r[None, :]), cmask, rkmask, EVEN_C, EVEN_R)
+    return offs_c, cmask, x, w, wu
+
+
+@triton.jit
 def _gn_fwd(X, W, WDT, WU, OUT, RSTD, A, N, C, R, stride_x, stride_o, eps, gate_scale,
             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
             EVEN_M: tl.constexpr, EVEN_C: tl.constexpr, EVEN_R: tl.constexpr):
@@ -119,11 +132,8 @@ def _gn_fwd(X, W, WDT, WU, OUT, RSTD, A, N, C, R, stride_x, stride_o, eps, gate_
     ob = OUT + row0 * stride_o
     n_chunks = tl.cdiv(C, BLOCK_C)
     for i in range(n_chunks):
-        offs_c = (n_chunks - 1 - i) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = offs_c < C
-        x = _load_tile(xb + (xo + offs_c[None, :]), rmask, cmask, EVEN_M, EVEN_C).to(tl.float32)
-        w = _load_vec(W + offs_c, cmask, EVEN_C).to(tl.float32)
-        wu = _load_tile(WU + (offs_c[:, None] * R + offs_r[None, :]), cmask, rkmask, EVEN_C, EVEN_R)
+        offs_c, cmask, x, w, wu = _reversed_chunk(i, n_chunks, xb, xo, W, WU, offs_r, rmask, rkmask, C, R,
+                                                  BLOCK_C, EVEN_M, EVEN_C, EVEN_R)
         u = tl.dot(h, tl.trans(wu), input_precision=PREC)  # (M, BLOCK_C)
         y = (x * rstd[:, None] * w[None, :]).to(X.dtype.element_ty).to(tl.float32)
         out = (y * (gate_scale * tl.sigmoid(u))).to(OUT.dtype.element_ty)
@@ -180,12 +190,9 @@ def _gn_bwd(X, DOUT, W, WDT, WU, RSTD, A, DX, DW_P, DWD_P, DWU_P, N, C, R, strid
     dxb = DX + row0 * stride_dx
     n_chunks = tl.cdiv(C, BLOCK_C)
     for i in range(n_chunks):
-        offs_c = (n_chunks - 1 - i) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = offs_c < C
-        x = _load_tile(xb + (xo + offs_c[None, :]), rmask, cmask, EVEN_M, EVEN_C).to(tl.float32)
+        offs_c, cmask, x, w, wu = _reversed_chunk(i, n_chunks, xb, xo, W, WU, offs_r, rmask, rkmask, C, R,
+                                                  BLOCK_C, EVEN_M, EVEN_C, EVEN_R)
         dout = _load_tile(dob + (doo + offs_c[None, :]), rmask, cmask, EVEN_M, EVEN_C).to(tl.float32)
-        w = _load_vec(W + offs_c, cmask, EVEN_C).to(tl.float32)
-        wu = _load_tile(WU + (offs_c[:, None] * R + offs_r[None, :]), cmask, rkmask, EVEN_C, EVEN_R)
         wdt = _load_tile(WDT + (offs_c[:, None] * R + offs_r[None, :]), cmask, rkmask, EVEN_C, EVEN_R)
         xhat = x * rstd[:, None]
         y = (xhat * w[None, :]).to(xdt).to(tl.float32)

@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from sinkfree.bench import profiling
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sinkfree bench vsa", description=__doc__.splitlines()[0])
@@ -83,12 +85,21 @@ def bench_attention(args, run) -> list[dict]:
     return rows
 
 
-def bench_model(args, run, device: str = "cuda") -> list[dict]:
-    """A training step (forward, backward, fused AdamW step) of the `args.model` DiT preset with dense cuDNN
-    attention and with VSA, on the same input; `args.compile` compiles both models."""
+def attention_context(device: str):
+    """A factory of the dense arm's attention context: cuDNN SDPA on CUDA, nothing elsewhere. A factory, not one
+    context: sdpa_kernel's context manager is single-use and the timed step enters it many times."""
     from contextlib import nullcontext
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device == "cuda":
+        return lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+    return nullcontext
+
+
+def bench_model(args, run, device: str = "cuda") -> list[dict]:
+    """A training step (forward, backward, fused AdamW step) of the `args.model` DiT preset with dense cuDNN
+    attention and with VSA, on the same input; `args.compile` compiles both models."""
     from triton.testing import do_bench
 
     from sinkfree.models.dit import DiT, DiTConfig
@@ -107,8 +118,7 @@ def bench_model(args, run, device: str = "cuda") -> list[dict]:
         x = torch.randn(args.batch, cfg.in_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw, device=device,
                         dtype=torch.bfloat16)
         t = torch.rand(args.batch, device=device, dtype=torch.bfloat16)
-        # a fresh context per step: sdpa_kernel's context manager is single-use (re-entering it raises)
-        attn_ctx = (lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])) if device == "cuda" else nullcontext
+        attn_ctx = attention_context(device)
 
         def train_step(fwd=fwd, opt=opt, attn_ctx=attn_ctx):
             with attn_ctx():
@@ -122,9 +132,7 @@ def bench_model(args, run, device: str = "cuda") -> list[dict]:
         name = f"{args.model} {backend}" + (" compiled" if args.compile else "")
         rows.append(dict(section="model", name=name, mode="train step", ms=ms, S=math.prod(grid),
                          params=model.num_params(), compiled=bool(args.compile)))
-        if getattr(args, "profile_steps", 0):
-            from sinkfree.bench import profiling
-
+        if args.profile_steps:
             rows[-1]["profile"] = profiling.profile_calls(train_step, args.profile_steps)
         print(f"model     {name:28s} train step {ms:9.3f} ms", flush=True)
         model = fwd = opt = train_step = None
@@ -157,12 +165,10 @@ def vsa_main(argv: list[str]) -> int:
         extra = f"  coarse+select / fine = {r['ms'] / fine:.1%}" if r["name"].startswith("VSA coarse") else ""
         tf = f"{r['eff_tflops']:7.1f} eff TFLOP/s" if r.get("eff_tflops") else " " * 21
         print(f"{r['section']:9s} {r['name']:28s} {r['mode']:10s} {r['ms']:9.3f} ms {tf}  x dense {ratio:5.2f}{extra}")
-    from sinkfree.bench.profiling import format_kernels
-
     for r in rows:
         if "profile" in r:
             print(f"\nGPU kernels of {r['name']} (ms per training step, profiled over {args.profile_steps} steps):")
-            print("\n".join(format_kernels(r["profile"])))
+            print("\n".join(profiling.format_kernels(r["profile"])))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(card=torch.cuda.get_device_name(), rows=rows), f, indent=1)
