@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time a training step (forward, backward, AdamW) of this DiT preset, e.g. dit-video-b")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile both models of the --model training step (dense and VSA)")
+    p.add_argument("--fused-proj", action="store_true",
+                   help="build both models of the --model training step with fused_proj (one GEMM for q/k/v/gates, "
+                        "one for the MLP's gate/up)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up in ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
     p.add_argument("--profile-steps", type=int, default=0, metavar="N",
@@ -108,7 +111,7 @@ def bench_model(args, run, device: str = "cuda") -> list[dict]:
     rows = []
     for backend in ("sdpa", "vsa"):
         cfg = DiTConfig.from_name(args.model, attn_backend=backend, vsa_sparsity=args.sparsity,
-                                  vsa_tile=_ints(args.tile))
+                                  vsa_tile=_ints(args.tile), fused_proj=args.fused_proj)
         # Pure bf16 weights and inputs (no fp32 master copy, no autocast), the same in both arms: the
         # 1B-parameter dit-video-b at 32768 tokens then fits one H200 with room to spare.
         model = DiT(cfg).to(device=device, dtype=torch.bfloat16)
@@ -129,7 +132,7 @@ def bench_model(args, run, device: str = "cuda") -> list[dict]:
 
         train_step()  # compile (when asked) and allocate the optimizer state outside the timing
         ms = do_bench(train_step, warmup=args.warmup, rep=args.rep, return_mode="median")
-        name = f"{args.model} {backend}" + (" compiled" if args.compile else "")
+        name = f"{args.model} {backend}" + (" compiled" if args.compile else "") + (" fused" if cfg.fused_proj else "")
         rows.append(dict(section="model", name=name, mode="train step", ms=ms, S=math.prod(grid),
                          params=model.num_params(), compiled=bool(args.compile)))
         if args.profile_steps:

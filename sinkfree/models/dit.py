@@ -73,6 +73,9 @@ class DiTConfig:
     """Sigmoid gate on the attention output before o_proj: none, headwise or elementwise."""
     attn_gate_identity_init: bool = False
     """Start the gate as exactly 1 (zero weights, 2*sigmoid): for retrofitting a trained model."""
+    fused_proj: bool = False
+    """One GEMM for the attention's input projections (q, k, v, the output gate's, VSA's gate_compress) and one
+    for SwiGLU's gate/up, over their weights concatenated at each step; same parameters and checkpoints."""
     attn_sink: str = "none"
     """Sink logit in the softmax denominator: none, learnable (per head) or off_by_one (fixed 0)."""
     sink_init: float = 0.0
@@ -203,7 +206,8 @@ class DiTBlock(nn.Module):
                      c.gatednorm_identity_init)
         self.attn_norm = build_norm(*norm_args)
         attn_kwargs = dict(qk_norm=c.qk_norm, norm_eps=c.rms_norm_eps, gate=c.attn_gate, sink=c.attn_sink,
-                           sink_init=c.sink_init, spec=c.attention_spec, gate_identity_init=c.attn_gate_identity_init)
+                           sink_init=c.sink_init, spec=c.attention_spec, gate_identity_init=c.attn_gate_identity_init,
+                           fused_proj=c.fused_proj)
         if c.attn_backend == "vsa":
             self.attn = VSAAttention(c.n_embd, c.n_head, None, c.head_size, sparsity=c.vsa_sparsity,
                                      topk=c.vsa_topk, coarse_gate=c.vsa_gate,
@@ -211,7 +215,7 @@ class DiTBlock(nn.Module):
         else:
             self.attn = Attention(c.n_embd, c.n_head, None, c.head_size, **attn_kwargs)
         self.mlp_norm = build_norm(*norm_args)
-        self.mlp = MLP(c.n_embd, c.mlp_hidden)
+        self.mlp = MLP(c.n_embd, c.mlp_hidden, fused_proj=c.fused_proj)
         self.adaln = nn.Linear(c.n_embd, 6 * c.n_embd)  # shift, scale, gate for attention and MLP
         self.clip = c.outlier_clip
 

@@ -72,6 +72,9 @@ class LLMConfig:
     """Sigmoid gate on the attention output before o_proj: none, headwise or elementwise."""
     attn_gate_identity_init: bool = False
     """Start the gate as exactly 1 (zero weights, 2*sigmoid): for retrofitting a trained model."""
+    fused_proj: bool = False
+    """One GEMM for the attention's input projections (q, k, v, the output gate's, VSA's gate_compress) and one
+    for SwiGLU's gate/up, over their weights concatenated at each step; same parameters and checkpoints."""
     attn_sink: str = "none"
     """Sink logit in the softmax denominator: none, learnable (per head) or off_by_one (fixed 0)."""
     sink_init: float = 0.0
@@ -221,9 +224,9 @@ class Block(nn.Module):
                               qk_norm=c.qk_norm, norm_eps=c.rms_norm_eps, gate=c.attn_gate, sink=c.attn_sink,
                               sink_init=c.sink_init,
                               spec=c.attention_spec if layer is None else c.layer_attention_spec(layer),
-                              gate_identity_init=c.attn_gate_identity_init)
+                              gate_identity_init=c.attn_gate_identity_init, fused_proj=c.fused_proj)
         self.mlp_norm = build_norm(*norm_args)
-        self.mlp = MLP(c.n_embd, c.mlp_hidden)
+        self.mlp = MLP(c.n_embd, c.mlp_hidden, fused_proj=c.fused_proj)
         self.clip = c.outlier_clip
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sinkfree.attention import AttentionSpec, attend, attend_with_probs, check_spec
@@ -19,7 +20,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, n_head: int, n_kv_head: int | None = None, head_dim: int | None = None, *,
                  bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-5, gate: str = "none",
                  sink: str = "none", sink_init: float = 0.0, spec: AttentionSpec | None = None,
-                 gate_identity_init: bool = False):
+                 gate_identity_init: bool = False, fused_proj: bool = False):
         super().__init__()
         n_kv_head = n_kv_head or n_head
         head_dim = head_dim or dim // n_head
@@ -55,6 +56,7 @@ class Attention(nn.Module):
             self.sink = None
         self.sink_init = float(sink_init)
         self.capture: dict | None = None  # set to a dict to record probs/gate/v on the next forwards
+        self.fused_proj = fused_proj
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         """Normal init (std; out_std on o_proj), zero biases, sink logits to sink_init."""
@@ -70,26 +72,50 @@ class Attention(nn.Module):
             with torch.no_grad():
                 self.sink.fill_(self.sink_init)
 
+    def in_projections(self) -> list[nn.Linear]:
+        """The linear maps of the block input x, in order: q, k, v, then the output gate's (if any)."""
+        lins = [self.q_proj, self.k_proj, self.v_proj]
+        return lins + [self.gate_proj] if self.gate_proj is not None else lins
+
+    def in_project(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every `in_projections()` map applied to x. With `fused_proj`, one GEMM over their weights concatenated
+        at each call (parameters and state dict stay per projection), so x is read once and the backward's input
+        gradient is one GEMM instead of a sum of several."""
+        lins = self.in_projections()
+        if not self.fused_proj:
+            return [lin(x) for lin in lins]
+        weight = torch.cat([lin.weight for lin in lins])
+        bias = None
+        if any(lin.bias is not None for lin in lins):
+            bias = torch.cat([lin.weight.new_zeros(lin.out_features) if lin.bias is None else lin.bias
+                              for lin in lins])
+        return list(F.linear(x, weight, bias).split([lin.out_features for lin in lins], dim=-1))
+
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """x (B, S, C) -> q (B, H, S, D), k, v (B, Hkv, S, D): projections, qk-norm and RoPE."""
+        """x (B, S, C) -> q (B, H, S, D), k, v (B, Hkv, S, D) after qk-norm and RoPE, and the list of the
+        other `in_projections()` outputs (B, S, ·): the output gate's pre-activation first, if any."""
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(b, s, self.n_kv_head, self.head_dim)
-        v = self.v_proj(x).view(b, s, self.n_kv_head, self.head_dim)
+        q, k, v, *rest = self.in_project(x)
+        q = q.view(b, s, self.n_head, self.head_dim)
+        k = k.view(b, s, self.n_kv_head, self.head_dim)
+        v = v.view(b, s, self.n_kv_head, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # per head, before RoPE (Qwen3)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return q, k, v
+        return q, k, v, rest
 
-    def output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Attention output (B, H, S, D) -> (B, S, C): the sigmoid output gate (from x) and o_proj."""
-        b, s, _ = x.shape
+    def output(self, out: torch.Tensor, gate_pre: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output (B, H, S, D) -> (B, S, C): the sigmoid output gate (pre-activation `gate_pre`
+        (B, S, H·D | H) from `project`, required when the module has a gate) and o_proj."""
+        b, _, s, _ = out.shape
         out = out.transpose(1, 2)  # (B, S, H, D)
         gate = None
         if self.gate_proj is not None:
-            gate = self.gate_scale * torch.sigmoid(self.gate_proj(x)).view(b, s, self.n_head, -1)  # (B,S,H,D|1)
+            if gate_pre is None:
+                raise ValueError("Attention.output needs the gate pre-activation from project() (attn_gate is on)")
+            gate = self.gate_scale * torch.sigmoid(gate_pre).view(b, s, self.n_head, -1)  # (B,S,H,D|1)
             out = out * gate
         if self.capture is not None:
             self.capture["gate"] = None if gate is None else gate.detach()
@@ -105,10 +131,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, S, C) -> (B, S, C); rope = (cos, sin) each (S, D) or (B, S, D), or None."""
-        q, k, v = self.project(x, rope)
+        q, k, v, rest = self.project(x, rope)
         sink = None if self.sink is None else self.sink.float()
         if self.capture is not None:
             out = self.probe_attend(q, k, v, sink)
         else:
             out = attend(q, k, v, self.spec, sink)
-        return self.output(out, x)
+        return self.output(out, rest[0] if rest else None)

@@ -9,8 +9,9 @@ from torch import nn
 class MLP(nn.Module):
     """down_proj(SiLU(gate_proj x) ⊙ up_proj x), no biases."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, fused_proj: bool = False):
         super().__init__()
+        self.fused_proj = fused_proj  # one GEMM over [gate_proj; up_proj] concatenated at each call
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
@@ -22,5 +23,9 @@ class MLP(nn.Module):
         nn.init.normal_(self.down_proj.weight, std=out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused_proj:
+            gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 

@@ -40,6 +40,11 @@ class VSAAttention(Attention):
             nn.init.normal_(self.gate_compress.weight, std=0.0 if self.coarse_gate_zero_init else std)
             nn.init.zeros_(self.gate_compress.bias)
 
+    def in_projections(self) -> list[nn.Linear]:
+        """Attention's input projections, then gate_compress (if any): fused into one GEMM with `fused_proj`."""
+        lins = super().in_projections()
+        return lins + [self.gate_compress] if self.gate_compress is not None else lins
+
     def kept_tiles(self, n_tiles: int) -> int:
         """Key tiles each query tile keeps: `topk` if set, else from `sparsity`."""
         return min(self.topk, n_tiles) if self.topk is not None else vsa_topk(n_tiles, self.sparsity)
@@ -49,13 +54,14 @@ class VSAAttention(Attention):
         """x (B, S, C) tile-major -> (B, S, C); `tiling` describes the token grid (required)."""
         if tiling is None:
             raise ValueError("attn_backend='vsa' needs the token tiling: call VSAAttention(x, rope, tiling)")
-        q, k, v = self.project(x, rope)
+        q, k, v, rest = self.project(x, rope)
+        gate_pre = rest[0] if self.gate_proj is not None else None
         sink = None if self.sink is None else self.sink.float()
         if self.capture is not None:  # diagnostics see the dense attention pattern
-            return self.output(self.probe_attend(q, k, v, sink), x)
+            return self.output(self.probe_attend(q, k, v, sink), gate_pre)
         gate = None
         if self.gate_compress is not None:
             b, s, _ = x.shape
-            gate = self.gate_compress(x).view(b, s, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, S, D)
+            gate = rest[-1].view(b, s, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, S, D)
         out = vsa_attention(q, k, v, tiling, self.kept_tiles(tiling.n_tiles), gate, sink, self.spec.scale)
-        return self.output(out, x)
+        return self.output(out, gate_pre)
