@@ -57,10 +57,6 @@ for s in "$@"; do
             --providers cudnn flex+sink flash flash+sink --json $OUT/attn-pointer.json"
         stage attn-tma 200 bash -c "SINKFREE_ATTN_TMA=only TRITON_PRINT_AUTOTUNING=1 sf bench attention \
             --sections dense --modes fwd fwd+bwd --providers cudnn flash flash+sink --json $OUT/attn-tma.json" ;;
-    bench-attn-ws)  # issue 3: the forward's warp-specialized in-kernel-descriptor configs (non-causal) vs pointers
-        stage attn-ws 240 bash -c "SINKFREE_ATTN_TMA=ws TRITON_PRINT_AUTOTUNING=1 sf bench attention \
-            --sections dense --modes fwd fwd+bwd --dense-shapes 2x16x4096x128 1x16x16384x128 1x24x32768x128 \
-            --providers cudnn flex+sink flash+sink --json $OUT/attn-ws.json" ;;
     bench-sparse)  # issue 3 / 6: block-sparse 64 and 128 tiles vs the vsa package and FlexAttention
         stage attn-sparse 240 bash -c "sf bench attention --sections sparse --json $OUT/attn-sparse.json" ;;
     bench-sage8)  # issue 7: accuracy against fp64, then speed with quantisation inside the timed region
@@ -161,7 +157,7 @@ print(f\"corpus: {len(dm.source.paths)} files, {n} train windows of 2048 = {n * 
     ab-sage8:compare)
         stage ab-sage8-compare 60 bash -c "sf compare $OUT/runs/ab-bf16 $OUT/runs/ab-bf16-seed2 $OUT/runs/ab-sage8 \
             --labels bf16 bf16-s2 sage8 --seed-pair 0 1 --out $OUT/compare-sage8 --json $OUT/compare-sage8.json" ;;
-    *) echo "unknown stage $s: tests tests-sage8 bench-attn-tma bench-attn-ws bench-sparse bench-sage8 bench-lm bench-lm-gn" \
+    *) echo "unknown stage $s: tests tests-sage8 bench-attn-tma bench-sparse bench-sage8 bench-lm bench-lm-gn" \
             "bench-lm-fused bench-lm-autotune bench-vsa bench-vsa-fused" \
             "ab-vsa:{dense,dense2,vsa,compare} ab-vsa-short:{dense,dense2,vsa,vsa2}" \
             "ab-sage8:{corpus,bf16,bf16-2,sage8,compare}"

@@ -143,48 +143,6 @@ def test_dense_tma_forced(tma_on, causal, b, hq, hkv, sq, sk, d, warp_spec):
         compare(fn, ref, [q, k, v, sink], TOL[torch.float16])
 
 
-@pytest.mark.parametrize("b,hq,hkv,sq,sk,d", [
-    (2, 4, 2, 100, 130, 64),   # GQA, odd S: the last key block is zero-filled past Sk by the in-kernel descriptor
-    (1, 2, 2, 64, 128, 128),   # D = 128, exact multiples (no mask at all)
-    (1, 2, 1, 130, 67, 128),   # Sq > Sk, ragged both ways
-])
-def test_dense_ws_device_descriptors_forced(tma_on, b, hq, hkv, sq, sk, d):
-    """The warp-specialized forward that builds 2-D per-head descriptors inside the kernel (SINKFREE_ATTN_TMA=ws;
-    non-causal only), with gradients through the pointer backward; NaN padding past Sk must not leak."""
-    import triton
-    from kernel_checks import forced_configs
-    from sinkfree_kernels import attention_fwd
-
-    config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "USE_TMA": True, "WARP_SPEC": True, "DEVICE_DESC": True},
-                           num_warps=4, num_stages=2, pre_hook=attention_fwd.tma_block_shapes)
-    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, torch.float16, seed=sq * 3 + sk)
-    sink = torch.randn(hq).requires_grad_()
-    fn, ref = _dense(False)
-    with forced_configs([(attention_fwd._attn_fwd, config)]):
-        compare(fn, ref, [q, k, v, sink], TOL[torch.float16])
-        pad = torch.full((b, hkv, sk + 64, d), float("nan"), dtype=torch.float16)
-        kp, vp = pad.clone(), pad.clone()
-        kp[:, :, :sk], vp[:, :, :sk] = k.detach(), v.detach()
-        out, _ = flash_attention(q.detach(), kp[:, :, :sk], vp[:, :, :sk], sink.detach())
-    ref_out, _ = attention_reference(q.detach().float(), k.detach().float(), v.detach().float(), sink.detach())
-    assert torch.isfinite(out).all() and (out.float() - ref_out).abs().max() < 2e-2
-
-
-def test_ws_device_configs_are_dense_non_causal_only():
-    import triton
-
-    from sinkfree_kernels._tuning import prune_configs
-
-    ws = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "USE_TMA": True, "WARP_SPEC": True, "DEVICE_DESC": True},
-                       num_warps=4, num_stages=2)
-    ptr = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
-    kw = dict(kernel="fwd", head_dim=128, sparse=False, tile_m=64, tile_n=64, elem_bytes=2, smem_limit=232448,
-              has_desc=True)
-    assert prune_configs([ptr, ws], **kw) == [ptr, ws]
-    assert prune_configs([ptr, ws], **kw, causal=True) == [ptr]
-    assert prune_configs([ptr, ws], **{**kw, "has_desc": False}) == [ptr]
-
-
 def test_dense_tma_reads_nothing_past_s(tma_on):
     # k, v are views of longer NaN-padded buffers: TMA must zero-fill past Sk per head (a NaN in V would leak
     # through p = 0), and the LSE must not count the zero keys (they are masked to -inf)

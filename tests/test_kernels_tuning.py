@@ -209,50 +209,40 @@ def test_tma_configs_only_with_descriptors_and_only_listed_on_request(monkeypatc
 def test_tma_mode_rejects_unknown_values(monkeypatch):
     from sinkfree_kernels._tuning import tma_mode
 
-    for value, mode in (("", "0"), ("0", "0"), ("1", "1"), (" Only ", "only"), ("ws", "ws")):
+    for value, mode in (("", "0"), ("0", "0"), ("1", "1"), (" Only ", "only")):
         monkeypatch.setenv("SINKFREE_ATTN_TMA", value)
         assert tma_mode() == mode
     monkeypatch.setenv("SINKFREE_ATTN_TMA", "yes")
-    with pytest.raises(ValueError, match="SINKFREE_ATTN_TMA='yes'.*0.*1.*only.*ws"):
+    with pytest.raises(ValueError, match="SINKFREE_ATTN_TMA='yes'.*0.*1.*only"):
         tma_mode()
 
 
-def test_ws_mode_lists_only_the_in_kernel_descriptor_configs(monkeypatch):
+def test_removed_ws_mode_is_an_error_naming_the_allowed_values(monkeypatch):
+    # SINKFREE_ATTN_TMA=ws (warp-specialized forward with in-kernel descriptors) crashed on an H200 and was
+    # removed: it must fail loudly, not fall back silently to another mode
     from sinkfree_kernels import _tuning
 
     monkeypatch.setenv("SINKFREE_ATTN_TMA", "ws")
-    assert _tuning.tma_mode() == "ws"
+    with pytest.raises(ValueError, match=r"SINKFREE_ATTN_TMA='ws': allowed values are 0 .*, 1 .* and only .*"
+                                         r"ws was removed"):
+        _tuning.tma_mode()
     monkeypatch.setattr(_tuning, "INTERPRET", False)  # the interpreter never lists descriptor configs
-    ptr, tma, ws = ["p1", "p2"], ["t"], ["w"]
-    assert _tuning.with_tma_configs(ptr, tma, ws) == ["p1", "p2", "w"]
-    monkeypatch.setenv("SINKFREE_ATTN_TMA", "1")
-    assert _tuning.with_tma_configs(ptr, tma, ws) == ["p1", "p2", "t"]
-    monkeypatch.setenv("SINKFREE_ATTN_TMA", "0")
-    assert _tuning.with_tma_configs(ptr, tma, ws) == ["p1", "p2"]
+    with pytest.raises(ValueError, match="allowed values"):
+        _tuning.with_tma_configs(["p"], ["t"])
 
 
-def test_in_kernel_descriptors_get_an_allocator_unless_the_user_set_one():
-    import contextvars
+def test_tma_listing_and_no_in_kernel_descriptor_configs(monkeypatch):
+    from sinkfree_kernels import _tuning, attention_fwd
 
-    import torch
-    from triton.runtime import _allocation
-
-    from sinkfree_kernels.ops import _ensure_allocator
-
-    def fresh():
-        assert _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
-        _ensure_allocator(torch.device("cpu"))
-        buf = _allocation._allocator.get()(128, 16, None)
-        return buf.dtype, buf.numel(), buf.device.type
-
-    assert contextvars.Context().run(fresh) == (torch.int8, 128, "cpu")
-
-    def users_own():
-        import triton
-
-        mine = lambda size, align, stream: torch.zeros(size, dtype=torch.uint8)  # noqa: E731
-        triton.set_allocator(mine)
-        _ensure_allocator(torch.device("cpu"))
-        return _allocation._allocator.get() is mine
-
-    assert contextvars.Context().run(users_own)
+    monkeypatch.setattr(_tuning, "INTERPRET", False)  # the interpreter never lists descriptor configs
+    ptr, tma = ["p1", "p2"], ["t"]
+    for mode, listed in (("0", ptr), ("1", ptr + tma), ("only", ptr + tma)):
+        monkeypatch.setenv("SINKFREE_ATTN_TMA", mode)
+        assert _tuning.with_tma_configs(ptr, tma) == listed
+    # the forward kernel has no DEVICE_DESC constexpr any more, and no config of its lists sets it
+    fn = attention_fwd._attn_fwd
+    while not hasattr(fn, "arg_names"):
+        fn = fn.fn
+    assert "DEVICE_DESC" not in fn.arg_names
+    for c in (attention_fwd.FWD_CONFIGS + attention_fwd.FWD_TMA_CONFIGS + attention_fwd.FWD_WS_CONFIGS):
+        assert "DEVICE_DESC" not in c.kwargs

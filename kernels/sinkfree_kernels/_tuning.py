@@ -23,13 +23,13 @@ def tma_mode() -> str:
     dense forward and backward (dK/dV, dQ) to their autotune lists (the autotuner then picks between both kinds); 'only' keeps only them
     wherever descriptors can be used (an A/B of the two load paths). The config list is built at import, so set
     it before the first import of the kernels; the launchers read it at each launch (descriptors or not). 'ws'
-    (experimental) adds only the forward's warp-specialized configs that build 2-D TMA descriptors per head inside
-    the kernel (Triton's Hopper warp specialization supports attention with on-device descriptors, non-causal)."""
+    (warp-specialized forward with in-kernel descriptors) was removed: its first config hit an illegal memory
+    access on an H200 (kernels/NOTES.md), so it is an error like any other unknown value."""
     v = os.environ.get("SINKFREE_ATTN_TMA", "0").strip().lower() or "0"
-    if v not in ("0", "1", "only", "ws"):
+    if v not in ("0", "1", "only"):
+        removed = " (ws was removed after it crashed on an H200; see kernels/NOTES.md)" if v == "ws" else ""
         raise ValueError(f"SINKFREE_ATTN_TMA={v!r}: allowed values are 0 (pointer loads, the default), 1 (add the "
-                         f"TMA configs), only (TMA configs only) and ws (add the forward's warp-specialized "
-                         f"configs with in-kernel descriptors, dense non-causal; experimental)")
+                         f"TMA configs) and only (TMA configs only){removed}")
     return v
 
 
@@ -74,30 +74,22 @@ def tma_block_shapes(nargs):
 
 
 def make_tma_configs(specs, pre_hook=tma_block_shapes):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize[, device_desc]) tuples as configs of the
-    tensor-descriptor path (USE_TMA, WARP_SPEC and DEVICE_DESC constexprs: device_desc builds the descriptors
-    inside the kernel; pre_hook sets the host descriptors' block shapes); interpreter: one 64x64."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize) tuples as configs of the tensor-descriptor
+    path (USE_TMA, WARP_SPEC constexprs; pre_hook sets the descriptors' block shapes); interpreter: one 64x64."""
     if INTERPRET:
         specs = [(64, 64, 4, 2, False)]
-    out = []
-    for bm, bn, w, st, ws, *dd in specs:
-        kw = {"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": True, "WARP_SPEC": ws}
-        if dd and dd[0]:
-            kw["DEVICE_DESC"] = True
-        out.append(triton.Config(kw, num_warps=w, num_stages=st, pre_hook=pre_hook))
-    return out
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": True, "WARP_SPEC": ws}, num_warps=w,
+                          num_stages=s, pre_hook=pre_hook) for bm, bn, w, s, ws in specs]
 
 
-def with_tma_configs(configs, tma_configs, ws_configs=()):
+def with_tma_configs(configs, tma_configs):
     """The autotune list of a kernel with a descriptor variant: pointer configs first (the untuned default
-    stays the first pointer config), the TMA ones added only under SINKFREE_ATTN_TMA=1/only, `ws_configs` (the
-    in-kernel-descriptor warp-specialized ones) only under SINKFREE_ATTN_TMA=ws. Never on the interpreter: its
-    one config is not pruned (a lone config skips the autotuner), so tests force the TMA config where they want
-    it."""
-    mode = tma_mode()
-    if mode == "0" or INTERPRET:
+    stays the first pointer config), the TMA ones added only under SINKFREE_ATTN_TMA=1/only. Never on the
+    interpreter: its one config is not pruned (a lone config skips the autotuner), so tests force the TMA
+    config where they want it."""
+    if tma_mode() == "0" or INTERPRET:
         return list(configs)
-    return list(configs) + list(ws_configs if mode == "ws" else tma_configs)
+    return list(configs) + list(tma_configs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,12 +162,11 @@ def _arg(named_args, kwargs, name, default):
 
 def prune_configs(configs, kernel: str, head_dim: int, sparse: bool, tile_m: int, tile_n: int, elem_bytes: int,
                   smem_limit: int, atomic_dq: bool = False, autotune: bool = True, has_desc: bool = False,
-                  tma_only: bool = False, causal: bool = False):
+                  tma_only: bool = False):
     """Pure config filter (unit-tested on CPU): keep configs whose blocks divide the sparse tiles (dense: any),
     that fit the registers at D >= 128 (BLOCK_M x BLOCK_N <= 128 x 128) and whose estimated shared memory fits
     smem_limit. Descriptor (USE_TMA) configs only where the launch passes tensor descriptors (has_desc) and is
-    dense; in-kernel-descriptor ones (DEVICE_DESC) only for non-causal launches; tma_only
-    (SINKFREE_ATTN_TMA=only) then drops the pointer configs. When nothing is left, the first
+    dense; tma_only (SINKFREE_ATTN_TMA=only) then drops the pointer configs. When nothing is left, the first
     fallback (a pointer config: 64-blocks, or the tile if smaller; 2 stages, then 1) that fits, else the
     smallest. autotune=False keeps only the first survivor (the untuned default)."""
     def fits(bm, bn, stages, ws=False):
@@ -189,8 +180,6 @@ def prune_configs(configs, kernel: str, head_dim: int, sparse: bool, tile_m: int
             continue
         tma = bool(c.kwargs.get("USE_TMA", False))
         if tma and (sparse or not has_desc):
-            continue
-        if c.kwargs.get("DEVICE_DESC", False) and causal:
             continue
         if tma_only and has_desc and not sparse and not tma:
             continue
@@ -218,8 +207,7 @@ def make_pruner(kernel: str):
             sparse=bool(_arg(named_args, kwargs, "SPARSE", False)), tile_m=_arg(named_args, kwargs, "TILE_M", 64),
             tile_n=_arg(named_args, kwargs, "TILE_N", 64), elem_bytes=elem, smem_limit=max_shared_memory(dev),
             atomic_dq=bool(_arg(named_args, kwargs, "ATOMIC_DQ", False)), autotune=autotune_enabled(),
-            has_desc=bool(_arg(named_args, kwargs, "HAS_DESC", False)), tma_only=tma_mode() == "only",
-            causal=bool(_arg(named_args, kwargs, "CAUSAL", False)))
+            has_desc=bool(_arg(named_args, kwargs, "HAS_DESC", False)), tma_only=tma_mode() == "only")
 
     prune.__name__ = f"prune_{kernel}"
     return prune

@@ -30,26 +30,20 @@ FWD_TMA_CONFIGS = make_tma_configs([(128, 64, 8, 3, False), (128, 128, 8, 2, Fal
 # Warp-specialized configs: not autotuned. On an H200 (2026-11-27) the autotuner's first one, 128x64x4x3,
 # did not finish (compile or run) within 170 s and stalled the benchmark; force them only to experiment.
 FWD_WS_CONFIGS = make_tma_configs([(128, 64, 4, 3, True), (128, 64, 4, 2, True), (128, 128, 4, 2, True)])
-# Warp-specialized with 2-D descriptors per head built in the kernel (DEVICE_DESC; dense, non-causal): what
-# Triton's Hopper warp specialization supports for attention (host descriptors are not partitioned). Autotuned
-# only under SINKFREE_ATTN_TMA=ws (experimental; not yet run on a GPU).
-FWD_WS_DEVICE_CONFIGS = make_tma_configs([(128, 64, 4, 2, True, True), (128, 128, 4, 2, True, True),
-                                          (128, 64, 4, 3, True, True)])
-FWD_CONFIGS = with_tma_configs(FWD_POINTER_CONFIGS, FWD_TMA_CONFIGS, FWD_WS_DEVICE_CONFIGS)
+# (The variant with descriptors built in the kernel, SINKFREE_ATTN_TMA=ws, was removed: its first config hit an
+# illegal memory access on an H200, 2026-11-27; kernels/NOTES.md, git history at 3b133df.)
+FWD_CONFIGS = with_tma_configs(FWD_POINTER_CONFIGS, FWD_TMA_CONFIGS)
 
 
 @triton.jit
 def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, Sk, kend, off, qk_scale,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, LOAD_N: tl.constexpr, PREC: tl.constexpr,
                stride_kn, stride_vn, USE_TMA: tl.constexpr = False, DescK=None, DescV=None, b=0, hk=0,
-               BLOCK_N: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 0, DESC_2D: tl.constexpr = False):
+               BLOCK_N: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 0):
     """One BLOCK_N slice of keys: scores, online-softmax update, P @ V into acc. USE_TMA: K and V come by
-    descriptor loads of head (b, hk) (rows past Sk zero-filled, so LOAD_N masks nothing there); DESC_2D: the
-    descriptors are 2-D (S, D) views of that head, built in the kernel."""
+    descriptor loads of head (b, hk) (rows past Sk zero-filled, so LOAD_N masks nothing there)."""
     cols = start_n + offs_n
-    if USE_TMA and DESC_2D:
-        k = DescK.load([start_n, 0]).T
-    elif USE_TMA:
+    if USE_TMA:
         k = DescK.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM).T
     elif LOAD_N:
         k = tl.load(k_ptrs + start_n * stride_kn, mask=cols[None, :] < Sk, other=0.0)
@@ -60,9 +54,7 @@ def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, Sk, ke
         qk = tl.where(visible(cols[None, :], offs_m[:, None], kend, off, CAUSAL), qk, float("-inf"))
     p, alpha, l_i, m_new = softmax_step(qk, m_i, l_i)
     acc = acc * alpha[:, None]
-    if USE_TMA and DESC_2D:
-        v = DescV.load([start_n, 0])
-    elif USE_TMA:
+    if USE_TMA:
         v = DescV.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
     elif LOAD_N:
         v = tl.load(v_ptrs + start_n * stride_vn, mask=cols[:, None] < Sk, other=0.0)
@@ -88,19 +80,15 @@ def _attn_fwd(
     HAS_KLEN: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr,
     HAS_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    USE_TMA: tl.constexpr = False, WARP_SPEC: tl.constexpr = False, DEVICE_DESC: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, WARP_SPEC: tl.constexpr = False,
 ):
     # DescQ/K/V: tensor descriptors of q, k, v when HAS_DESC (else the tensors again, unused); USE_TMA (a config
     # flag, only with HAS_DESC on dense launches) loads through them
     tl.static_assert(not USE_TMA or (HAS_DESC and not SPARSE))
     tl.static_assert(not WARP_SPEC or USE_TMA)
-    tl.static_assert(not DEVICE_DESC or (WARP_SPEC and not CAUSAL))
     pid_bh, b, h, hk, _, m0, offs_m, offs_n, offs_d = query_program(H, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM)
     q_ptrs = row_major_ptrs(head_base(Q, b, h, sqb, sqh), offs_m, sqm, offs_d)
-    if DEVICE_DESC:
-        q = tl.make_tensor_descriptor(head_base(Q, b, h, sqb, sqh), shape=[Sq, HEAD_DIM], strides=[sqm, 1],
-                                      block_shape=[BLOCK_M, HEAD_DIM]).load([m0, 0])
-    elif USE_TMA:
+    if USE_TMA:
         q = DescQ.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_DIM)
     elif EVEN_M:
         q = tl.load(q_ptrs)
@@ -126,17 +114,6 @@ def _attn_fwd(
                 acc, l_i, m_i = _fwd_block(
                     acc, l_i, m_i, q, k_ptrs, v_ptrs, kt * TILE_N + sub * BLOCK_N, offs_m, offs_n, Sk, kend,
                     off, qk_scale, (CAUSAL or HAS_KLEN) or (not EVEN_N), CAUSAL, not EVEN_N, PREC, skn, svn)
-    elif DEVICE_DESC:
-        # per-head 2-D descriptors built here (Triton partitions a warp-specialized attention loop on Hopper
-        # only with in-kernel descriptors); non-causal, so only a ragged last block needs the mask
-        dk = tl.make_tensor_descriptor(head_base(K, b, hk, skb, skh), shape=[Sk, HEAD_DIM], strides=[skn, 1],
-                                       block_shape=[BLOCK_N, HEAD_DIM])
-        dv = tl.make_tensor_descriptor(head_base(V, b, hk, svb, svh), shape=[Sk, HEAD_DIM], strides=[svn, 1],
-                                       block_shape=[BLOCK_N, HEAD_DIM])
-        for start_n in tl.range(0, Sk, BLOCK_N, warp_specialize=True):
-            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, Sk, Sk,
-                                       off, qk_scale, not EVEN_N, False, False, PREC, skn, svn,
-                                       True, dk, dv, b, hk, BLOCK_N, HEAD_DIM, True)
     elif WARP_SPEC:
         # one warp-specialized loop over every key block, masked throughout when causal or S is ragged: Triton
         # 3.6's sm_90 warp specialization (NVGPUWarpSpecialization) fails (dominance assert) on a kernel with a

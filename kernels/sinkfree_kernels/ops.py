@@ -70,18 +70,6 @@ def _tma_descs(*tensors):
     return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 64, t.shape[-1]]) for t in tensors]
 
 
-def _ensure_allocator(device):
-    """Kernels that build tensor descriptors in the kernel (the DEVICE_DESC configs) need Triton's global-memory
-    allocator for them: install a torch one unless the user set their own."""
-    try:
-        from triton.runtime import _allocation
-    except ImportError:  # a Triton without in-kernel descriptors: their configs cannot run anyway
-        return
-    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
-        kind = torch.device(device).type
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=kind))
-
-
 def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -175,8 +163,6 @@ def _forward(q, k, v, sink, causal, scale, idx=None, cnt=None, klen=None, tile_q
     sink_t = sink.float().contiguous() if sink is not None else lse
     sparse, idx, cnt, klen_t, list_strides = _list_args(idx, cnt, klen, lse)
     descs = None if sparse else _tma_descs(q, k, v)
-    if descs is not None:
-        _ensure_allocator(q.device)
     _attn_fwd[_grid(sq, "BLOCK_M", b * hq)](
         q, k, v, out, lse, sink_t, idx, cnt, klen_t, *(descs or (q, k, v)),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -50,8 +50,6 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # kernels/ (sinkfree_kernels without install)
 if "--tma" in sys.argv:  # the descriptor configs join the autotune lists at import
     os.environ["SINKFREE_ATTN_TMA"] = "1"
-if "--tma-ws" in sys.argv:  # the forward's in-kernel-descriptor warp-specialized configs instead
-    os.environ["SINKFREE_ATTN_TMA"] = "ws"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -325,8 +323,6 @@ def build_jobs(groups, head_dims, causals, sparse, all_configs, sink=True, seq=1
                 var = variant
                 if ckw.get("USE_TMA"):
                     var = "tma+ws" if ckw.get("WARP_SPEC") else "tma"
-                    if ckw.get("DEVICE_DESC"):
-                        var = "devdesc+ws"
                 if variants and var not in variants:
                     continue
                 row = dict(group=group, kernel=name, variant=var, D=d, causal=causal, sparse_tile=tile,
@@ -474,8 +470,6 @@ def main(argv=None):
     ap.add_argument("--dump-dir", help="also write each compile's TTGIR and PTX there")
     ap.add_argument("--only", nargs="+", help="kernel names to keep (e.g. _attn_fwd)")
     ap.add_argument("--variants", nargs="+", help="row variants to keep (e.g. tma tma+ws bf16)")
-    ap.add_argument("--tma-ws", action="store_true", help="SINKFREE_ATTN_TMA=ws: add the forward's warp-"
-                    "specialized configs that build their descriptors in the kernel (rows 'devdesc+ws')")
     ap.add_argument("--tma", action="store_true", help="SINKFREE_ATTN_TMA=1: add the dense forward's and "
                     "backward's tensor-descriptor configs (launches get descriptors; sparse ones keep pointers)")
     a = ap.parse_args(argv)
