@@ -69,31 +69,23 @@ for s in "$@"; do
     bench-lm)  # issue 2: the gated recipe's tokens/s against the baseline, one process
         stage lm 420 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
             --steps 300 --skip 50 --profile-steps 3 --json $OUT/lm.json" ;;
-    bench-lm-gn)  # issue 2: GatedNorm as torch, as the fused Triton op and as the Inductor-fusable torch variant
-        for k in triton inductor; do
-            sed "s/^\(\s*\)residual_sink: gatednorm/\1residual_sink: gatednorm\n\1gatednorm_kernel: $k/" \
-                recipes/llm/125m-gated.yaml > "$OUT/125m-gated-$k.yaml"
+    bench-lm-gn)  # issue 2: GatedNorm as torch and as the fused Triton op against the baseline, one process
+        sed "s/^\(\s*\)residual_sink: gatednorm/\1residual_sink: gatednorm\n\1gatednorm_kernel: triton/" \
+            recipes/llm/125m-gated.yaml > "$OUT/125m-gated-triton.yaml"
+        stage lm-gn 420 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
+            $OUT/125m-gated-triton.yaml --steps 250 --skip 50 --profile-steps 3 --json $OUT/lm-gn.json" ;;
+    bench-lm-fused)  # issue 2: fused_proj (the default: one GEMM for q/k/v/gate, one for gate/up) against separate
+        # projections (fused_proj: false), both recipes, one process (~8 minutes)
+        for r in baseline gated; do
+            sed "s/^      n_embd: 768/      n_embd: 768\n      fused_proj: false/" recipes/llm/125m-$r.yaml \
+                > "$OUT/125m-$r-separate.yaml"
         done
-        stage lm-gn 560 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
-            $OUT/125m-gated-inductor.yaml $OUT/125m-gated-triton.yaml --steps 250 --skip 50 --profile-steps 3 \
-            --json $OUT/lm-gn.json" ;;
-    bench-lm-fused)  # issue 2: fused_proj (one GEMM for q/k/v/gate, one for gate/up) in both recipes, with GatedNorm
-        # as torch and as inductor; the unfused pair as the reference, all in one process (~11 minutes)
-        variant() {  # variant NAME SRC 'key: value'... -> $OUT/NAME.yaml with the keys added under model.arch
-            local name=$1 src=$2; shift 2; local extra=""
-            for kv in "$@"; do extra="$extra\n      $kv"; done
-            sed "s/^      n_embd: 768/      n_embd: 768$extra/" "$src" > "$OUT/$name.yaml"
-        }
-        variant 125m-gated-inductor recipes/llm/125m-gated.yaml "gatednorm_kernel: inductor"
-        variant 125m-baseline-fused recipes/llm/125m-baseline.yaml "fused_proj: true"
-        variant 125m-gated-fused recipes/llm/125m-gated.yaml "fused_proj: true"
-        variant 125m-gated-fused-inductor recipes/llm/125m-gated.yaml "fused_proj: true" "gatednorm_kernel: inductor"
-        stage lm-fused 900 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
-            $OUT/125m-gated-inductor.yaml $OUT/125m-baseline-fused.yaml $OUT/125m-gated-fused.yaml \
-            $OUT/125m-gated-fused-inductor.yaml --steps 200 --skip 50 --profile-steps 3 --json $OUT/lm-fused.json" ;;
-    bench-vsa-fused)  # issue 6: the dit-video-b step, compiled, both arms with fused_proj, profiled
-        stage vsa-fused 500 bash -c "sf bench vsa --model dit-video-b --compile --fused-proj --profile-steps 2 \
-            --json $OUT/vsa-fused.json" ;;
+        stage lm-fused 600 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
+            $OUT/125m-baseline-separate.yaml $OUT/125m-gated-separate.yaml --steps 200 --skip 50 --profile-steps 3 \
+            --json $OUT/lm-fused.json" ;;
+    bench-vsa-separate)  # issue 6: the compiled dit-video-b step with one GEMM per projection (fused_proj off)
+        stage vsa-separate 500 bash -c "sf bench vsa --model dit-video-b --compile --no-fused-proj --profile-steps 2 \
+            --json $OUT/vsa-separate.json" ;;
     bench-lm-autotune)  # issue 2: the same with Inductor's max-autotune GEMM templates (epilogue fusion)
         stage lm-autotune 590 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
             --steps 300 --skip 100 --profile-steps 3 --set=--model.compile_mode=max-autotune-no-cudagraphs --json $OUT/lm-autotune.json" ;;
@@ -158,7 +150,7 @@ print(f\"corpus: {len(dm.source.paths)} files, {n} train windows of 2048 = {n * 
         stage ab-sage8-compare 60 bash -c "sf compare $OUT/runs/ab-bf16 $OUT/runs/ab-bf16-seed2 $OUT/runs/ab-sage8 \
             --labels bf16 bf16-s2 sage8 --seed-pair 0 1 --out $OUT/compare-sage8 --json $OUT/compare-sage8.json" ;;
     *) echo "unknown stage $s: tests tests-sage8 bench-attn-tma bench-sparse bench-sage8 bench-lm bench-lm-gn" \
-            "bench-lm-fused bench-lm-autotune bench-vsa bench-vsa-fused" \
+            "bench-lm-fused bench-lm-autotune bench-vsa bench-vsa-separate" \
             "ab-vsa:{dense,dense2,vsa,compare} ab-vsa-short:{dense,dense2,vsa,vsa2}" \
             "ab-sage8:{corpus,bf16,bf16-2,sage8,compare}"
        exit 2 ;;

@@ -345,30 +345,6 @@ def test_clip_output():
     assert torch.equal(y[keep], x[keep])
 
 
-def test_gatednorm_inductor_kernel_traces_the_same_math():
-    """kernel='inductor' rewrites the up-projection only while torch.compile traces the module: outputs and every
-    gradient match the plain path, eagerly and compiled (aot_eager: Dynamo + AOTAutograd on the CPU)."""
-    import torch._dynamo
-
-    torch.manual_seed(0)
-    ref = GatedNorm(48, rank=8)
-    ind = GatedNorm(48, rank=8, kernel="inductor")
-    ind.load_state_dict(ref.state_dict())
-    x = torch.randn(3, 5, 48) * 3
-    dy = torch.randn(3, 5, 48)
-
-    def run(module, fn):
-        xx = x.clone().requires_grad_()
-        out = fn(xx)
-        grads = torch.autograd.grad(out, [xx, *module.parameters()], dy)
-        return out.detach(), grads
-
-    torch._dynamo.reset()
-    base_out, base_grads = run(ref, ref)
-    for fn in (ind, torch.compile(ind, backend="aot_eager", fullgraph=True)):
-        out, grads = run(ind, fn)
-        torch.testing.assert_close(out, base_out, rtol=1e-5, atol=1e-6)
-        for g, bg in zip(grads, base_grads):
-            torch.testing.assert_close(g, bg, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="gatednorm_kernel='cuda'.*inductor"):
+def test_gatednorm_unknown_kernel_is_a_clear_error():
+    with pytest.raises(ValueError, match="gatednorm_kernel='cuda'.*torch.*triton"):
         GatedNorm(8, kernel="cuda")

@@ -30,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time a training step (forward, backward, AdamW) of this DiT preset, e.g. dit-video-b")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile both models of the --model training step (dense and VSA)")
-    p.add_argument("--fused-proj", action="store_true",
+    p.add_argument("--fused-proj", action=argparse.BooleanOptionalAction, default=True,
                    help="build both models of the --model training step with fused_proj (one GEMM for q/k/v/gates, "
-                        "one for the MLP's gate/up)")
+                        "one for the MLP's gate/up; the default, as in DiTConfig); --no-fused-proj: one GEMM each")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up in ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
     p.add_argument("--profile-steps", type=int, default=0, metavar="N",
@@ -132,7 +132,7 @@ def bench_model(args, run, device: str = "cuda") -> list[dict]:
 
         train_step()  # compile (when asked) and allocate the optimizer state outside the timing
         ms = do_bench(train_step, warmup=args.warmup, rep=args.rep, return_mode="median")
-        name = f"{args.model} {backend}" + (" compiled" if args.compile else "") + (" fused" if cfg.fused_proj else "")
+        name = f"{args.model} {backend}" + (" compiled" if args.compile else "") + ("" if cfg.fused_proj else " separate")
         rows.append(dict(section="model", name=name, mode="train step", ms=ms, S=math.prod(grid),
                          params=model.num_params(), compiled=bool(args.compile)))
         if args.profile_steps:

@@ -72,9 +72,10 @@ class LLMConfig:
     """Sigmoid gate on the attention output before o_proj: none, headwise or elementwise."""
     attn_gate_identity_init: bool = False
     """Start the gate as exactly 1 (zero weights, 2*sigmoid): for retrofitting a trained model."""
-    fused_proj: bool = False
+    fused_proj: bool = True
     """One GEMM for the attention's input projections (q, k, v, the output gate's, VSA's gate_compress) and one
-    for SwiGLU's gate/up, over their weights concatenated at each step; same parameters and checkpoints."""
+    for SwiGLU's gate/up, over their weights concatenated at each step; same parameters and checkpoints. False:
+    one GEMM per projection (measured slower: docs/switches/attn_gate.md)."""
     attn_sink: str = "none"
     """Sink logit in the softmax denominator: none, learnable (per head) or off_by_one (fixed 0)."""
     sink_init: float = 0.0

@@ -11,7 +11,7 @@ from sinkfree.nn.params import no_weight_decay
 
 NORM_KINDS = ("rmsnorm", "zero_centered", "dyt", "identity")
 RESIDUAL_SINK_KINDS = ("none", "preaffine", "gatednorm")
-GATEDNORM_KERNELS = ("torch", "triton", "inductor")
+GATEDNORM_KERNELS = ("torch", "triton")
 
 
 def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -103,9 +103,7 @@ class GatedNorm(RMSNorm):
     kernel: "torch" (the PyTorch path below, compiled by Inductor in the recipes; the reference, and what runs on
     CPU); "triton": on CUDA the fused op `sinkfree::gated_norm_fwd` / `_bwd` (sinkfree_kernels.gated_norm), also
     for every GatedNorm with SINKFREE_FUSED_GATEDNORM=1 (measured slower than the compiled PyTorch path on an H200:
-    0.840x vs 0.868x of the baseline's tokens/s for 125m-gated, see kernels/NOTES.md); "inductor": the PyTorch
-    path with the rank-r up-projection written as a product summed over r while torch.compile traces it, so
-    Inductor can fuse it into the gate's pointwise kernel (experimental, not yet timed)."""
+    0.840x vs 0.868x of the baseline's tokens/s for 125m-gated, see kernels/NOTES.md)."""
 
     fused = os.environ.get("SINKFREE_FUSED_GATEDNORM", "0") == "1"  # opt-in: slower than Inductor today
 
@@ -128,15 +126,7 @@ class GatedNorm(RMSNorm):
 
     def gate(self, y: torch.Tensor) -> torch.Tensor:
         """The elementwise gate gate_scale·σ(W_up SiLU(W_down y)), same shape as y."""
-        h = F.silu(self.gate_down(y))
-        if self.kernel == "inductor" and torch.compiler.is_compiling():
-            # The rank-r up-projection as a product summed over r: Inductor computes it inside the pointwise
-            # kernel of the sigmoid and the product with y, instead of a skinny GEMM whose (..., C) output is
-            # written and read back. Same math; the weight in h's dtype as nn.Linear under autocast would use.
-            u = (h.unsqueeze(-2) * self.gate_up.weight.to(h.dtype)).sum(-1)
-        else:
-            u = self.gate_up(h)
-        return self.gate_scale * torch.sigmoid(u)
+        return self.gate_scale * torch.sigmoid(self.gate_up(F.silu(self.gate_down(y))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and x.is_cuda:
