@@ -95,6 +95,24 @@ def test_list_helpers_roundtrip():
     assert torch.all(ordered[..., 1:] >= ordered[..., :-1])  # ascending, deterministic
 
 
+@pytest.mark.parametrize("shape,p", [((2, 3, 5, 7), 0.4), ((1, 4, 33, 64), 0.1), ((1, 1, 3, 9), 0.0),
+                                     ((1, 2, 4, 6), 1.0)])
+def test_lists_from_map_equals_the_sorted_construction(shape, p):
+    """The compaction gives exactly what sorting (kept tiles first, each group ascending) gives, also past cnt."""
+    g = torch.Generator().manual_seed(1)
+    tmap = torch.rand(*shape, generator=g) < p
+    nk = shape[-1]
+    ar = torch.arange(nk)
+    expected = torch.sort(torch.where(tmap, ar, ar + nk), dim=-1).values.remainder(nk).to(torch.int32)
+    for width in (None, 3):
+        idx, cnt = lists_from_map(tmap, max_kept=width)
+        assert idx.dtype == torch.int32 and cnt.dtype == torch.int32 and idx.is_contiguous()
+        assert torch.equal(idx, expected[..., :width] if width else expected)
+        assert torch.equal(cnt, tmap.sum(-1).to(torch.int32))
+    kidx, kcnt = lists_from_map(tmap.transpose(-1, -2))  # non-contiguous input, as transpose_lists passes
+    assert torch.equal(map_from_lists(kidx, kcnt, shape[-2]), tmap.transpose(-1, -2))
+
+
 def test_random_lists_keep_diagonal():
     idx, cnt = random_lists(1, 2, 512, 512, 64, 64, 0.25, generator=torch.Generator().manual_seed(3))
     tmap = map_from_lists(idx, cnt, 8)

@@ -9,15 +9,22 @@ import torch
 
 
 def lists_from_map(tile_map: torch.Tensor, max_kept: int | None = None):
-    """(B, H, Nq, Nk) bool tile map -> (idx, cnt), indices ascending; max_kept defaults to Nk (no sync)."""
+    """(B, H, Nq, Nk) bool tile map -> (idx, cnt), indices ascending; max_kept defaults to Nk (no sync).
+
+    Past cnt, a row holds its dropped tiles, also ascending (the row is a permutation of 0..Nk-1). Built by
+    compaction, not sorting: each tile's slot is its rank among the kept (cumsum) or cnt + its rank among the
+    dropped, and one scatter writes the tile numbers there (unique slots: deterministic). On an H200 the former
+    sort took ~0.2 ms a call for VSA's transposed 512-tile lists (4.7 ms of a dit-video-b step)."""
     nk = tile_map.shape[-1]
-    ar = torch.arange(nk, device=tile_map.device, dtype=torch.int32)
-    keyed = torch.where(tile_map, ar, ar + nk)  # kept tiles first, each group in ascending order
-    order = torch.sort(keyed, dim=-1).values
+    kept = tile_map.to(torch.int32)
+    cnt = kept.sum(-1, dtype=torch.int32)
+    rank_kept = torch.cumsum(kept, -1, dtype=torch.int32)
+    rank_drop = torch.arange(1, nk + 1, device=tile_map.device, dtype=torch.int32) - rank_kept  # cumsum of ~map
+    slot = torch.where(tile_map, rank_kept - 1, cnt[..., None] + rank_drop - 1).to(torch.int64)
+    ar = torch.arange(nk, device=tile_map.device, dtype=torch.int32).expand(slot.shape)
+    order = torch.empty(slot.shape, dtype=torch.int32, device=tile_map.device).scatter_(-1, slot, ar)
     width = nk if max_kept is None else max_kept
-    idx = order[..., :width].remainder(nk).to(torch.int32).contiguous()
-    cnt = tile_map.sum(-1, dtype=torch.int32)
-    return idx, cnt
+    return order[..., :width].contiguous(), cnt
 
 
 def map_from_lists(idx: torch.Tensor, cnt: torch.Tensor, n_k_tiles: int) -> torch.Tensor:

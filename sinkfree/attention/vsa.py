@@ -173,7 +173,8 @@ def vsa_coarse(q, k, v, tiling: VSATiling, scale: float, sink=None):
 @torch.no_grad()
 def vsa_select(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k key tiles per query tile on the coarse logits -> tile lists (idx int32 ascending, cnt int32)."""
-    top = logits.topk(topk, dim=-1).indices.sort(dim=-1).values
+    # unsorted top-k (the set is the same; sorting the k values is wasted work), then the indices ascending
+    top = logits.topk(topk, dim=-1, sorted=False).indices.sort(dim=-1).values
     cnt = torch.full(top.shape[:-1], topk, dtype=torch.int32, device=top.device)
     return top.to(torch.int32).contiguous(), cnt
 
