@@ -95,14 +95,23 @@ for s in "$@"; do
             --json $OUT/vsa-compiled.json" ;;
     ab-vsa:dense|ab-vsa:dense2|ab-vsa:vsa)  # issue 6 quality, 3000 steps per arm. AB_VSA_SIZE=32 (default):
         # 4,096 tokens, 64 tiles, ~6 min an arm on its own H200; AB_VSA_SIZE=64: the recipes' own 16,384 tokens,
-        # 256 tiles, ~18 min an arm (start the arms in the background on separate cards, ARM_CAP=1500).
-        arm=${s#ab-vsa:}
-        common="--data.size ${AB_VSA_SIZE:-32} --trainer.enable_progress_bar=false --trainer.logger.init_args.save_dir $OUT/runs"
+        # 256 tiles, 32 kept, with batch AB_VSA_BATCH (default 4) and sink probes every 1000 steps: eager at batch 8
+        # an arm reached only step 2000-2250 in 25 min (2026-11-27), so this runs compiled (the recipes' default)
+        # at half the batch. Start the arms in the background on separate cards with ARM_CAP=1500.
+        arm=${s#ab-vsa:}; size=${AB_VSA_SIZE:-32}; cfg=recipes/dit
+        common="--data.size $size --trainer.enable_progress_bar=false --trainer.logger.init_args.save_dir $OUT/runs"
+        if [ "$size" = 64 ]; then
+            for kind in dense vsa; do  # temp + rename: the arms start together and read these files
+                sed 's/every_n_steps: 250  #/every_n_steps: 1000  #/' recipes/dit/video-$kind.yaml > "$OUT/.video-$kind.$$"
+                mkdir -p "$OUT/ab-recipes" && mv "$OUT/.video-$kind.$$" "$OUT/ab-recipes/video-$kind.yaml"
+            done
+            cfg=$OUT/ab-recipes; common="$common --data.batch_size ${AB_VSA_BATCH:-4}"
+        fi
         case $arm in
-        dense) args="--config recipes/dit/video-dense.yaml $common" ;;
-        dense2) args="--config recipes/dit/video-dense.yaml $common --seed_everything 2 \
+        dense) args="--config $cfg/video-dense.yaml $common" ;;
+        dense2) args="--config $cfg/video-dense.yaml $common --seed_everything 2 \
                     --trainer.logger.init_args.name video-dense-seed2" ;;
-        vsa) args="--config recipes/dit/video-vsa.yaml $common" ;;
+        vsa) args="--config $cfg/video-vsa.yaml $common" ;;
         esac
         stage "ab-vsa-$arm" "$ARM_CAP" bash -c "sf fit $args" ;;
     ab-vsa-short:dense|ab-vsa-short:dense2|ab-vsa-short:vsa|ab-vsa-short:vsa2)  # issue 6 control: EMA from
