@@ -126,7 +126,11 @@ for s in "$@"; do
     ab-vsa:compare)
         stage ab-vsa-compare 60 bash -c "sf compare $OUT/runs/video-dense $OUT/runs/video-dense-seed2 \
             $OUT/runs/video-vsa --labels dense dense-s2 vsa --seed-pair 0 1 --tolerance 0 --max-rel 0.03 \
-            --out $OUT/compare-vsa --json $OUT/compare-vsa.json" ;;
+            --out $OUT/compare-vsa --json $OUT/compare-vsa.json"
+        # the same, judging only a higher VSA loss ("no worse than dense"): a lower one passes
+        stage ab-vsa-compare-one-sided 60 bash -c "sf compare $OUT/runs/video-dense $OUT/runs/video-dense-seed2 \
+            $OUT/runs/video-vsa --labels dense dense-s2 vsa --seed-pair 0 1 --tolerance 0 --max-rel 0.03 --one-sided \
+            --out $OUT/compare-vsa-one-sided --json $OUT/compare-vsa-one-sided.json" ;;
     ab-sage8:corpus)  # issue 7's A/B text, no download: this machine's Python sources and C/C++/CUDA headers
         ab_corpus
         # (~60M+ tokens; the embedded stdlib corpus is ~3M and 1000 steps x 64k tokens would memorise it).

@@ -7,6 +7,7 @@ a baseline run and, with `--seed-pair I J`, judges every other run against the g
     seed gap  g = |m_I - m_J| / m_J
     limit     L = max(--tolerance, 2 g)            (--tolerance alone without --seed-pair)
     a run passes when |m - m_base| / m_base <= L   (and <= --max-rel when given)
+    --one-sided: only a higher m counts (a loss: "no worse than"), i.e. (m - m_base) / m_base <= L
 
 The verdict (PASS / FAIL) is printed and written to --json; the exit status is 0 whatever the verdict and
 non-zero only for bad input. A figure (PNG + SVG + the CSV it plots) shows the metric against the step,
@@ -174,8 +175,9 @@ def rel_diff(value: float, base: float) -> float:
 
 
 def judge(runs: list[Run], metric: str, baseline: int, seed_pair: tuple[int, int] | None, tolerance: float,
-          max_rel: float | None) -> dict:
-    """The numbers and the verdict as a JSON-ready dict."""
+          max_rel: float | None, one_sided: bool = False) -> dict:
+    """The numbers and the verdict as a JSON-ready dict. one_sided: a value below the baseline's is within every
+    limit (lower is better, e.g. a loss); the seed gap stays two-sided."""
     base = runs[baseline].value
     gap = None
     if seed_pair is not None:
@@ -192,9 +194,10 @@ def judge(runs: list[Run], metric: str, baseline: int, seed_pair: tuple[int, int
                "ratio_to_seed_gap": None if gap is None or k == baseline else
                (abs(d) / gap if gap > 0 or math.isnan(gap) else (0.0 if d == 0 else math.inf))}
         if role == "judged":
-            checks = {"limit": abs(d) <= limit}  # False for nan
+            judged_d = max(d, 0.0) if one_sided and not math.isnan(d) else abs(d)
+            checks = {"limit": judged_d <= limit}  # False for nan
             if max_rel is not None:
-                checks["max_rel"] = abs(d) <= max_rel
+                checks["max_rel"] = judged_d <= max_rel
             row["checks"] = checks
             row["pass"] = all(checks.values())
         rows.append(row)
@@ -202,7 +205,7 @@ def judge(runs: list[Run], metric: str, baseline: int, seed_pair: tuple[int, int
     verdict = "n/a" if not judged else "PASS" if all(r["pass"] for r in judged) else "FAIL"
     steps = sorted({r.step for r in runs})
     return {"metric": metric, "baseline": baseline, "seed_pair": list(seed_pair) if seed_pair else None,
-            "seed_gap": gap, "tolerance": tolerance, "max_rel": max_rel, "limit": limit,
+            "seed_gap": gap, "tolerance": tolerance, "max_rel": max_rel, "limit": limit, "one_sided": one_sided,
             "steps_equal": len(steps) == 1, "runs": rows, "verdict": verdict}
 
 
@@ -229,7 +232,9 @@ def format_report(result: dict, runs: list[Run]) -> str:
         verdict = {"baseline": "baseline", "seed": "seed pair"}.get(row["role"]) or ("PASS" if row["pass"] else "FAIL")
         lim = "-"
         if row["role"] == "judged":
-            lim = "≤ " + _pct(limit) + (f", ≤ {_pct(result['max_rel'])}" if result["max_rel"] is not None else "")
+            sign = "+" if result.get("one_sided") else ""
+            lim = "≤ " + sign + _pct(limit) + (f", ≤ {sign}{_pct(result['max_rel'])}" if result["max_rel"] is not None
+                                               else "")
         body.append([str(k), row["label"], str(row["final_step"]), f"{row['value']:.6g}",
                      "-" if row["role"] == "baseline" else _pct(row["rel_diff"], signed=True),
                      "-" if ratio is None else f"{ratio:.2f}×", lim, verdict])
@@ -245,7 +250,12 @@ def format_report(result: dict, runs: list[Run]) -> str:
     else:
         lines.append(f"limit = tolerance {_pct(limit)} (no --seed-pair)")
     if result["max_rel"] is not None:
-        lines.append(f"also required: |vs baseline| ≤ --max-rel {_pct(result['max_rel'])}")
+        if result.get("one_sided"):
+            lines.append(f"also required: vs baseline ≤ +{_pct(result['max_rel'])} (--max-rel, one-sided)")
+        else:
+            lines.append(f"also required: |vs baseline| ≤ --max-rel {_pct(result['max_rel'])}")
+    if result.get("one_sided"):
+        lines.append("one-sided (--one-sided): only a value above the baseline counts; a lower one passes")
     if not result["steps_equal"]:
         steps = ", ".join(f"{r.label} {r.step}" for r in runs)
         lines.append(f"warning: the compared steps differ ({steps}); equal training steps make a fair A/B "
@@ -320,13 +330,17 @@ def plot(runs: list[Run], result: dict, out: Path, smooth_window: int | None) ->
                          + (f", mean of {w}" if w > 1 else "") + ")")
             rows += [[r.label, r.train_metric, int(s), v] for s, v in zip(tx, ty)]
     limit = 100 * result["limit"]
-    axes[1].axhspan(-limit, limit, color="green", alpha=0.12, lw=0,
-                    label=f"± limit {limit:.3g}%" + (" (max(tol, 2 × seed gap))" if result["seed_gap"] is not None
-                                                      else " (tolerance)"))
+    one_sided = result.get("one_sided", False)
+    lo = min([-limit] + [line.get_ydata().min() for line in axes[1].get_lines() if len(line.get_ydata())]) \
+        if one_sided else -limit
+    axes[1].axhspan(lo, limit, color="green", alpha=0.12, lw=0,
+                    label=("≤ +" if one_sided else "± ") + f"limit {limit:.3g}%"
+                    + (" (max(tol, 2 × seed gap))" if result["seed_gap"] is not None else " (tolerance)"))
     if result["max_rel"] is not None:
-        for sign in (-1, 1):
+        for sign in ((1,) if one_sided else (-1, 1)):
             axes[1].axhline(sign * 100 * result["max_rel"], color="grey", ls="--", lw=1,
-                            label=f"± max-rel {100 * result['max_rel']:.3g}%" if sign > 0 else None)
+                            label=("+" if one_sided else "± ") + f"max-rel {100 * result['max_rel']:.3g}%"
+                            if sign > 0 else None)
     axes[1].axhline(0, color=colors[baseline % len(colors)], lw=1.5)
     for n, step in enumerate(sorted({r.step for r in runs})):  # the verdict reads the curves here only
         for ax in axes[:2]:
@@ -365,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
   seed gap  g = |m_I - m_J| / m_J                 (--seed-pair I J; two runs differing only by seed)
   limit     L = max(--tolerance, 2 g)             (--tolerance alone without --seed-pair)
   pass      |m - m_base| / m_base <= L, and <= --max-rel when given
+            (--one-sided: (m - m_base) / m_base <= L, so a lower loss always passes)
 The exit status is 0 whatever the verdict (read it from the output or --json); 2 on bad input.
 
 examples:
@@ -390,6 +405,9 @@ examples:
     p.add_argument("--max-rel", type=float, default=None,
                    help="an extra limit that every judged run must also meet: |m - m_base| / m_base <= "
                         "MAX_REL (a fraction, e.g. 0.03 for 3%%); off by default")
+    p.add_argument("--one-sided", action="store_true",
+                   help="judge only values above the baseline (for a loss: 'no worse than'); a run below the "
+                        "baseline passes whatever its distance. The seed gap stays |m_I - m_J| / m_J")
     p.add_argument("--step", type=int, default=None,
                    help="compare at the last value logged at or before this step instead of the last one "
                         "(e.g. at 60%% of max_steps)")
@@ -451,7 +469,7 @@ def compare(args) -> tuple[dict, str]:
     for r, label in zip(runs, args.labels or default_labels([r.path for r in runs])):
         r.label = label
     seed_pair = tuple(args.seed_pair) if args.seed_pair is not None else None
-    result = judge(runs, args.metric, args.baseline, seed_pair, args.tolerance, args.max_rel)
+    result = judge(runs, args.metric, args.baseline, seed_pair, args.tolerance, args.max_rel, args.one_sided)
     result["step_limit"] = args.step
     try:
         files = plot(runs, result, Path(args.out), args.smooth)

@@ -94,6 +94,21 @@ def test_fail_by_seed_gap_and_by_max_rel(tmp_path: Path, runs, capsys) -> None:
     assert res["verdict"] == "PASS" and res["seed_gap"] is None and res["limit"] == 0.05
 
 
+def test_one_sided_passes_a_lower_loss_only(tmp_path: Path, runs, capsys) -> None:
+    better = make_run(tmp_path / "runs", "better", 1.90)  # 5% below dense-s0: outside 2 × the seed gap and max-rel
+    argv = [str(runs["s0"]), str(runs["s1"]), str(better), str(runs["bad"]), "--seed-pair", "0", "1",
+            "--max-rel", "0.04"]
+    _, two = run_compare(tmp_path, *argv)
+    assert [r["pass"] for r in two["runs"][2:]] == [False, False] and not two["one_sided"]
+    capsys.readouterr()
+    _, one = run_compare(tmp_path, *argv, "--one-sided")
+    out = capsys.readouterr().out
+    assert one["one_sided"] and one["seed_gap"] == two["seed_gap"]  # the seed gap stays two-sided
+    assert one["runs"][2]["checks"] == {"limit": True, "max_rel": True}  # lower: passes
+    assert one["runs"][3]["checks"] == {"limit": False, "max_rel": True}  # 3% higher: still fails the limit
+    assert one["verdict"] == "FAIL" and "one-sided" in out and "≤ +" in out
+
+
 def test_parent_folder_takes_newest_version_and_labels(tmp_path: Path, runs, capsys) -> None:
     # runs/dense -> version_1 (the newest), compared against version_0 given explicitly
     code, res = run_compare(tmp_path, str(runs["s0"]), str(runs["s0"].parent), "--baseline", "1")
