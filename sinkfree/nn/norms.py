@@ -11,7 +11,7 @@ from sinkfree.nn.params import no_weight_decay
 
 NORM_KINDS = ("rmsnorm", "zero_centered", "dyt", "identity")
 RESIDUAL_SINK_KINDS = ("none", "preaffine", "gatednorm")
-GATEDNORM_KERNELS = ("torch", "triton")
+GATEDNORM_KERNELS = ("torch", "triton", "fused_up")
 
 
 def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -97,13 +97,64 @@ class PreAffineRMSNorm(RMSNorm):
         return self._norm(x.float() * self.pre_scale.float()).to(x.dtype)
 
 
+def _rank_r(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """h wᵀ in fp32 for h (..., r), w (C, r): a rank-r product. While torch.compile traces, as r broadcast
+    multiply-adds, so Inductor computes it inside the consumer's pointwise kernel instead of a skinny GEMM
+    writing (..., C); eagerly one matmul. Operands rounded to h's dtype (as nn.Linear under autocast)."""
+    w = w.to(h.dtype).float()
+    if not torch.compiler.is_compiling():
+        return h.float() @ w.t()
+    u = h[..., 0:1].float() * w[:, 0]
+    for r in range(1, w.shape[1]):
+        u = u + h[..., r:r + 1].float() * w[:, r]
+    return u
+
+
+class _Gate(torch.autograd.Function):
+    """GatedNorm's gating for gatednorm_kernel='fused_up': out = y · scale·σ(W_up SiLU(W_down y)).
+
+    The two (N, C)-wide rank-r products, u = h W_upᵀ (forward, recomputed in the backward) and da W_down (the
+    backward's input gradient through W_down), go through `_rank_r`, so neither is ever stored: Inductor fuses
+    them into the pointwise kernels around them. The forward's a = y W_downᵀ and the backward's reductions over C
+    (dh = du W_up) and over the rows (dW_up = duᵀh, dW_down = daᵀy) stay GEMMs. Saves y (as the plain path does)
+    and a (N, r). GEMM operands in a's dtype: the autocast dtype under autocast, as nn.Linear."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, scale: float) -> torch.Tensor:
+        a = F.linear(y, w_down)  # autocast applies here as in nn.Linear
+        h = F.silu(a)
+        ctx.save_for_backward(y, a, w_down, w_up)
+        ctx.scale = scale
+        return y * (scale * torch.sigmoid(_rank_r(h, w_up)))
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        y, a, w_down, w_up = ctx.saved_tensors
+        mm = a.dtype
+        h = F.silu(a)
+        # g rounded to the GEMM dtype as nn.Linear's u and the sigmoid of it are in the plain path; Inductor keeps
+        # this (2 B/element) for the dy below instead of an fp32 dout·g
+        g = (ctx.scale * torch.sigmoid(_rank_r(h, w_up))).to(mm).float()
+        du = (dout * y * g * (1.0 - g / ctx.scale)).to(mm)
+        dh = du @ w_up.to(mm)  # (N, r)
+        rows_h = h.reshape(-1, h.shape[-1])
+        dw_up = du.reshape(-1, du.shape[-1]).t() @ rows_h  # (C, r)
+        sa = torch.sigmoid(a.float())
+        da = (dh.float() * sa * (1.0 + a.float() * (1.0 - sa))).to(mm)  # SiLU'(a)
+        dw_down = da.reshape(-1, da.shape[-1]).t() @ y.reshape(-1, y.shape[-1]).to(mm)  # (r, C)
+        dy = dout * g + _rank_r(da, w_down.t())
+        return dy.to(y.dtype), dw_down.to(w_down.dtype), dw_up.to(w_up.dtype), None
+
+
 class GatedNorm(RMSNorm):
     """y = RMSNorm(x); y · gate_scale · σ(W_up SiLU(W_down y)) with a rank-r bottleneck.
 
     kernel: "torch" (the PyTorch path below, compiled by Inductor in the recipes; the reference, and what runs on
     CPU); "triton": on CUDA the fused op `sinkfree::gated_norm_fwd` / `_bwd` (sinkfree_kernels.gated_norm), also
     for every GatedNorm with SINKFREE_FUSED_GATEDNORM=1 (measured slower than the compiled PyTorch path on an H200:
-    0.840x vs 0.868x of the baseline's tokens/s for 125m-gated, see kernels/NOTES.md)."""
+    0.840x vs 0.868x of the baseline's tokens/s for 125m-gated, see kernels/NOTES.md); "fused_up": the PyTorch
+    path as one autograd Function (`_Gate`) whose two (N, C)-wide rank-r products Inductor computes inside the
+    pointwise kernels, never written (experimental, not yet timed on a GPU)."""
 
     fused = os.environ.get("SINKFREE_FUSED_GATEDNORM", "0") == "1"  # opt-in: slower than Inductor today
 
@@ -136,6 +187,8 @@ class GatedNorm(RMSNorm):
                 return gated_norm(x, self.effective_weight(), self.gate_down.weight, self.gate_up.weight,
                                   self.eps, self.gate_scale)
         y = super().forward(x)
+        if self.kernel == "fused_up":
+            return _Gate.apply(y, self.gate_down.weight, self.gate_up.weight, self.gate_scale)
         return y * self.gate(y)
 
     def extra_repr(self) -> str:
