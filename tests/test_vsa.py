@@ -197,3 +197,29 @@ def test_bad_vsa_options_are_clear_errors():
     with pytest.raises(ValueError, match="token grid"):
         q = torch.randn(1, 1, 64, 64)
         attend(q, q, q, AttentionSpec("vsa", causal=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_coarse_stage_in_the_input_dtype(dtype):
+    """Half-precision inputs: tile-level matmuls in that dtype (fp32 means and accumulation), fp32 logits for
+    the top-k; logits, output and gradients close to an fp64 computation of the same coarse stage."""
+    from sinkfree.attention.vsa import vsa_coarse
+
+    torch.manual_seed(0)
+    tl = vsa_tiling((4, 8, 12), (4, 4, 4))
+    b, h, d = 2, 3, 64
+    qp, kp, vp = (pad_tiles(torch.randn(b, h, math.prod(tl.grid), d), tl) for _ in range(3))
+    sink = torch.randn(h)
+    ref = [t.double().requires_grad_() for t in (qp, kp, vp)]
+    half = [t.to(dtype).requires_grad_() for t in (qp, kp, vp)]
+    rl, ro = vsa_coarse(*ref, tl, 0.125, sink.double())
+    hl, ho = vsa_coarse(*half, tl, 0.125, sink)
+    assert hl.dtype == torch.float32 and ho.dtype == dtype
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    assert ((hl.double() - rl).norm() / rl.norm()) < tol
+    assert ((ho.double() - ro).norm() / ro.norm()) < tol
+    g = torch.randn_like(ro)
+    (ro * g).sum().backward()
+    (ho.float() * g.float()).sum().backward()
+    for a, r in zip(half, ref):
+        assert ((a.grad.double() - r.grad).norm() / r.grad.norm()) < 3 * tol

@@ -157,17 +157,22 @@ def _tile_means(x: torch.Tensor, tiling: VSATiling) -> torch.Tensor:
 
 def vsa_coarse(q, k, v, tiling: VSATiling, scale: float, sink=None):
     """Coarse stage on padded q (B, Hq, Sp, D), k/v (B, Hkv, Sp, D): (logits (B, Hq, Nt, Nt) fp32,
-    out (B, Hq, Nt, D) fp32); a sink logit joins the tile-level softmax as it does the fine one."""
+    out (B, Hq, Nt, D) in q's dtype); a sink logit joins the tile-level softmax as it does the fine one.
+
+    The tile means are summed in fp32, then the two tile-level matmuls take q's dtype (bf16 on a GPU: tensor
+    cores, as the authors' plain-torch coarse stage on their bf16 means) with fp32 accumulation; the logits the
+    top-k reads and the softmax are fp32. fp32 inputs (the CPU) keep every step in fp32."""
+    dt = q.dtype
     hq, hkv = q.shape[1], k.shape[1]
-    qc, kc, vc = _tile_means(q, tiling), _tile_means(k, tiling), _tile_means(v, tiling)
+    qc, kc, vc = (_tile_means(t, tiling).to(dt) for t in (q, k, v))
     if hq != hkv:
         kc, vc = kc.repeat_interleave(hq // hkv, 1), vc.repeat_interleave(hq // hkv, 1)
-    logits = qc @ kc.transpose(-1, -2) * scale  # (B, Hq, Nt, Nt)
+    logits = (qc @ kc.transpose(-1, -2)).float() * scale  # (B, Hq, Nt, Nt)
     z = logits
     if sink is not None:
         z = torch.cat([logits, sink.float().view(1, hq, 1, 1).expand(*logits.shape[:3], 1)], dim=-1)
     p = torch.softmax(z, dim=-1)[..., :logits.shape[-1]]
-    return logits, p @ vc
+    return logits, p.to(dt) @ vc
 
 
 @torch.no_grad()
@@ -201,7 +206,7 @@ def vsa_attention(q, k, v, tiling: VSATiling, topk: int, gate: torch.Tensor | No
     # addcmul (fp32 math, one rounding) writes the output in q's dtype.
     b, hq, _, d = fine.shape
     shape5 = (b, hq, tiling.n_tiles, tiling.volume, d)
-    coarse = coarse.to(q.dtype)[:, :, :, None, :].expand(shape5)
+    coarse = coarse[:, :, :, None, :].expand(shape5)
     fine = fine.view(shape5)
     if gate is None:
         out = fine + coarse
