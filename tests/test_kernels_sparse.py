@@ -183,3 +183,44 @@ def test_32_blocks_on_64_tiles(causal, deterministic):
     with forced_configs(forced):
         compare(fn, ref, [q, k, v, torch.randn(2).requires_grad_()], TOL[torch.float32],
                 names=("q", "k", "v", "sink"))
+
+
+@pytest.mark.parametrize("klen", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gathered_tile_pairs(causal, klen):
+    """PAIR configs (forward and dQ): two 64-token list entries per 128-wide key block, gathered; odd counts
+    (a half-empty last block), an empty list, padded tiles, GQA, a sink, S not a multiple of 64 or 128, and
+    NaN past the sequence end; dK/dV on its usual 64x64 config."""
+    import triton
+
+    s = 300  # 5 tiles, the last with 44 tokens
+    q, k, v = make_qkv(1, 4, 2, s, s, 64, torch.float32, seed=11)
+    q, k, v = (_poisoned(t, 128, float("nan")) for t in (q, k, v))
+    idx, cnt = random_lists(1, 4, s, s, 64, 64, 0.6, generator=torch.Generator().manual_seed(4), causal=causal)
+    cnt[0, 1, 2] = 0
+    cnt[0, 2, 3] = min(int(cnt[0, 2, 3]), 1)  # a single entry: only the first half of the block
+    assert bool((cnt % 2 == 1).any())
+    kl = torch.tensor([64, 40, 64, 17, 44], dtype=torch.int32) if klen else None
+    fn, ref = _sparse(idx, cnt, causal, 64, 64, kl)
+    kernels = autotuned_kernels()
+    forced = [(kernels["fwd"], triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "PAIR": True}, num_warps=4,
+                                             num_stages=2)),
+              (kernels["dkdv"], triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)),
+              (kernels["dq"], triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "PAIR": True}, num_warps=4,
+                                            num_stages=2))]
+    with forced_configs(forced):
+        compare(fn, ref, [q, k, v, torch.randn(4).requires_grad_()], TOL[torch.float32],
+                names=("q", "k", "v", "sink"))
+
+
+def test_pair_configs_are_pruned_to_sparse_two_tile_blocks():
+    import triton
+
+    from sinkfree_kernels._tuning import prune_configs
+
+    pair = triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "PAIR": True}, num_warps=4, num_stages=2)
+    plain = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+    kw = dict(kernel="fwd", head_dim=128, elem_bytes=2, smem_limit=232448)
+    assert prune_configs([pair, plain], sparse=True, tile_m=64, tile_n=64, **kw) == [pair, plain]
+    assert prune_configs([pair, plain], sparse=True, tile_m=128, tile_n=128, **kw) == [plain]
+    assert prune_configs([pair, plain], sparse=False, tile_m=64, tile_n=64, **kw) == [plain]

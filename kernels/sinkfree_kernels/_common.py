@@ -190,3 +190,20 @@ def tma_rows(Desc, b, h, start, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Rows start .. start + BLOCK - 1 of head (b, h) by a tensor-descriptor (TMA) load over the 4-D (B, H, S,
     HEAD_DIM) tensor, as a (BLOCK, HEAD_DIM) block; rows past S are zero-filled per head (never the next head)."""
     return Desc.load([b, h, start, 0]).reshape(BLOCK, HEAD_DIM)
+
+
+@triton.jit
+def tile_pair_cols(idx_ptr, t, cnt, KLen, Sk, offs_n, TILE_N: tl.constexpr, HAS_KLEN: tl.constexpr):
+    """Entries t and t + 1 of a tile list as one block of 2 x TILE_N gathered key columns: (cols, col_ok,
+    kend per column); the second half is absent (col_ok False) when t + 1 == cnt."""
+    half = offs_n // TILE_N
+    kt0 = tl.load(idx_ptr + t)
+    has1 = t + 1 < cnt
+    kt1 = tl.load(idx_ptr + t + 1, mask=has1, other=0)
+    kt = tl.where(half == 0, kt0, kt1)
+    cols = kt * TILE_N + offs_n % TILE_N
+    col_ok = ((half == 0) | has1) & (cols < Sk)
+    kend = tl.zeros_like(cols) + Sk
+    if HAS_KLEN:
+        kend = tl.minimum(kt * TILE_N + tl.load(KLen + kt, mask=col_ok, other=0), Sk)
+    return cols, col_ok, kend

@@ -63,6 +63,16 @@ def make_configs(specs):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in specs]
 
 
+def make_pair_configs(specs):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples as configs of the sparse kernels' gathered tile-pair
+    path (PAIR constexpr; the pruning keeps them only for sparse launches with BLOCK_N == 2 x TILE_N). None on
+    the interpreter (tests force them)."""
+    if INTERPRET:
+        return []
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "PAIR": True}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in specs]
+
+
 def tma_block_shapes(nargs):
     """Config pre_hook of the descriptor configs: the TMA box of each descriptor is one block of one head,
     (1, 1, BLOCK_M, HEAD_DIM) for the query-side tensors (DescQ, and DescDO in the backward), (1, 1, BLOCK_N,
@@ -176,7 +186,10 @@ def prune_configs(configs, kernel: str, head_dim: int, sparse: bool, tile_m: int
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if sparse and (tile_m % bm or tile_n % bn):
+        if c.kwargs.get("PAIR", False):  # gathered tile pairs: sparse only, a key block of exactly two tiles
+            if not sparse or bn != 2 * tile_n or tile_m % bm:
+                continue
+        elif sparse and (tile_m % bm or tile_n % bn):
             continue
         tma = bool(c.kwargs.get("USE_TMA", False))
         if tma and (sparse or not has_desc):

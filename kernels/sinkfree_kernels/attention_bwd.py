@@ -16,8 +16,8 @@ import triton.language as tl
 
 from ._common import (causal_full_end, causal_key_end, causal_query_range, head_base, key_program, key_tile_end,
                       load_rows_f32, query_program, row_major_ptrs, row_program, store_dkdv, store_rows, tile_list,
-                      tma_rows, transposed_ptrs, visible)
-from ._tuning import EVEN_HEURISTICS, make_configs, make_pruner, make_tma_configs, with_tma_configs
+                      tile_pair_cols, tma_rows, transposed_ptrs, visible)
+from ._tuning import EVEN_HEURISTICS, make_configs, make_pair_configs, make_pruner, make_tma_configs, with_tma_configs
 
 # the first config the pruning keeps is the untuned default (SINKFREE_AUTOTUNE=0); the pruning drops configs whose
 # estimated shared memory exceeds the device (_tuning.smem_estimate: sparse tiles walked in smaller blocks multiply it)
@@ -38,7 +38,9 @@ DKDV_TMA_CONFIGS = make_tma_configs([(64, 128, 8, 2, False), (64, 128, 8, 3, Fal
 DKDV_WS_CONFIGS = make_tma_configs([(64, 128, 4, 2, True)])
 DQ_TMA_CONFIGS = make_tma_configs([(128, 64, 8, 2, False), (128, 64, 8, 3, False), (64, 64, 4, 3, False)])
 DKDV_CONFIGS = with_tma_configs(DKDV_POINTER_CONFIGS, DKDV_TMA_CONFIGS)
-DQ_CONFIGS = with_tma_configs(DQ_POINTER_CONFIGS, DQ_TMA_CONFIGS)
+# gathered tile pairs for sparse 64-token tiles, as in the forward (attention_fwd.FWD_PAIR_CONFIGS)
+DQ_PAIR_CONFIGS = make_pair_configs([(64, 128, 4, 2), (64, 128, 8, 2)])
+DQ_CONFIGS = with_tma_configs(DQ_POINTER_CONFIGS, DQ_TMA_CONFIGS) + DQ_PAIR_CONFIGS
 
 _KEY = ["SEQ_KEY", "HEAD_DIM", "CAUSAL", "SPARSE", "TILE_M", "TILE_N", "HAS_KLEN", "ATOMIC_DQ", "HAS_DESC"]
 _EVEN = EVEN_HEURISTICS
@@ -230,6 +232,20 @@ def _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n, S
     return dq
 
 
+@triton.jit
+def _dq_cols(dq, q, do, lse2, delta, k_base, v_base, cols, col_ok, kend, offs_m, offs_d, off, qk_scale, skn, svn,
+             CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """_dq_block over gathered key columns (see attention_fwd._fwd_cols)."""
+    kT = tl.load(k_base + cols[None, :] * skn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+    vT = tl.load(v_base + cols[None, :] * svn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+    qk = tl.dot(q, kT, input_precision=PREC) * qk_scale
+    p = tl.math.exp2(qk - lse2[:, None])
+    p = tl.where(col_ok[None, :] & visible(cols[None, :], offs_m[:, None], kend[None, :], off, CAUSAL), p, 0.0)
+    dp = tl.dot(do, vT, input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
+
+
 @triton.autotune(configs=DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": make_pruner("dq")})
 @triton.heuristics(_EVEN)
 @triton.jit
@@ -241,9 +257,10 @@ def _attn_bwd_dq(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, SPARSE: tl.constexpr, HAS_KLEN: tl.constexpr,
     TILE_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr, HAS_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    USE_TMA: tl.constexpr = False, WARP_SPEC: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, WARP_SPEC: tl.constexpr = False, PAIR: tl.constexpr = False,
 ):
-    # descriptors as in _attn_bwd_dkdv
+    # descriptors as in _attn_bwd_dkdv; PAIR as in _attn_fwd
+    tl.static_assert(not PAIR or (SPARSE and BLOCK_N == 2 * TILE_N))
     tl.static_assert(not USE_TMA or (HAS_DESC and not SPARSE))
     tl.static_assert(not WARP_SPEC or USE_TMA)
     pid_bh, b, h, hk, _, m0, offs_m, offs_n, offs_d = query_program(H, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM)
@@ -270,7 +287,15 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     off = Sk - Sq
 
-    if SPARSE:
+    if PAIR:
+        idx_ptr, cnt = tile_list(QIdx, QCnt, b, h, m0 // TILE_M, sib, sih, siq, scb, sch)
+        k_base = head_base(K, b, hk, skb, skh)
+        v_base = head_base(V, b, hk, svb, svh)
+        for t in range(0, cnt, 2):
+            cols, col_ok, kend = tile_pair_cols(idx_ptr, t, cnt, KLen, Sk, offs_n, TILE_N, HAS_KLEN)
+            dq = _dq_cols(dq, q, do, lse2, delta, k_base, v_base, cols, col_ok, kend, offs_m, offs_d, off,
+                          qk_scale, skn, svn, CAUSAL, PREC)
+    elif SPARSE:
         idx_ptr, cnt = tile_list(QIdx, QCnt, b, h, m0 // TILE_M, sib, sih, siq, scb, sch)
         for t in range(0, cnt):
             kt = tl.load(idx_ptr + t)

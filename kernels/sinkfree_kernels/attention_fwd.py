@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from ._common import (causal_full_end, causal_key_end, head_base, key_tile_end, query_program, row_major_ptrs, sink_start,
-                      softmax_step, store_out_lse, tile_list, transposed_ptrs, visible)
-from ._tuning import EVEN_HEURISTICS, make_configs, make_pruner, make_tma_configs, with_tma_configs
+                      softmax_step, store_out_lse, tile_list, tile_pair_cols, transposed_ptrs, visible)
+from ._tuning import EVEN_HEURISTICS, make_configs, make_pair_configs, make_pruner, make_tma_configs, with_tma_configs
 from ._tuning import tma_block_shapes  # noqa: F401  (the descriptor configs' pre_hook; tests import it from here)
 
 LOG2E = 1.4426950408889634
@@ -32,7 +32,10 @@ FWD_TMA_CONFIGS = make_tma_configs([(128, 64, 8, 3, False), (128, 128, 8, 2, Fal
 FWD_WS_CONFIGS = make_tma_configs([(128, 64, 4, 3, True), (128, 64, 4, 2, True), (128, 128, 4, 2, True)])
 # (The variant with descriptors built in the kernel, SINKFREE_ATTN_TMA=ws, was removed: its first config hit an
 # illegal memory access on an H200, 2026-11-27; kernels/NOTES.md, git history at 3b133df.)
-FWD_CONFIGS = with_tma_configs(FWD_POINTER_CONFIGS, FWD_TMA_CONFIGS)
+# Sparse 64-token tiles gathered two per key block (PAIR, BLOCK_N = 2 x TILE_N): one 128-wide dot pair and one
+# softmax rescale per two tiles instead of per tile; the pruning keeps them only where BLOCK_N == 2 x TILE_N
+FWD_PAIR_CONFIGS = make_pair_configs([(64, 128, 4, 2), (64, 128, 8, 2), (64, 128, 4, 3)])
+FWD_CONFIGS = with_tma_configs(FWD_POINTER_CONFIGS, FWD_TMA_CONFIGS) + FWD_PAIR_CONFIGS
 
 
 @triton.jit
@@ -64,6 +67,22 @@ def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, Sk, ke
     return acc, l_i, m_new
 
 
+@triton.jit
+def _fwd_cols(acc, l_i, m_i, q, k_base, v_base, cols, col_ok, kend, offs_m, offs_d, off, qk_scale,
+              CAUSAL: tl.constexpr, PREC: tl.constexpr, skn, svn):
+    """_fwd_block over gathered key columns `cols` (BLOCK_N,) of one head: col_ok marks real columns (an absent
+    second tile, keys past Sk), kend (BLOCK_N,) each column's tile end (padded tiles)."""
+    k = tl.load(k_base + cols[None, :] * skn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+    qk = tl.dot(q, k, input_precision=PREC) * qk_scale
+    qk = tl.where(col_ok[None, :] & visible(cols[None, :], offs_m[:, None], kend[None, :], off, CAUSAL), qk,
+                  float("-inf"))
+    p, alpha, l_i, m_new = softmax_step(qk, m_i, l_i)
+    acc = acc * alpha[:, None]
+    v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    return acc, l_i, m_new
+
+
 @triton.autotune(
     configs=FWD_CONFIGS,
     key=["SEQ_KEY", "HEAD_DIM", "CAUSAL", "SPARSE", "TILE_M", "TILE_N", "HAS_KLEN", "HAS_DESC"],
@@ -80,10 +99,12 @@ def _attn_fwd(
     HAS_KLEN: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr,
     HAS_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    USE_TMA: tl.constexpr = False, WARP_SPEC: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, WARP_SPEC: tl.constexpr = False, PAIR: tl.constexpr = False,
 ):
     # DescQ/K/V: tensor descriptors of q, k, v when HAS_DESC (else the tensors again, unused); USE_TMA (a config
-    # flag, only with HAS_DESC on dense launches) loads through them
+    # flag, only with HAS_DESC on dense launches) loads through them. PAIR (sparse, BLOCK_N == 2 * TILE_N): two
+    # list entries per key block, gathered.
+    tl.static_assert(not PAIR or (SPARSE and BLOCK_N == 2 * TILE_N))
     tl.static_assert(not USE_TMA or (HAS_DESC and not SPARSE))
     tl.static_assert(not WARP_SPEC or USE_TMA)
     pid_bh, b, h, hk, _, m0, offs_m, offs_n, offs_d = query_program(H, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM)
@@ -105,7 +126,15 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     off = Sk - Sq
 
-    if SPARSE:
+    if PAIR:
+        idx_ptr, cnt = tile_list(QIdx, QCnt, b, h, m0 // TILE_M, sib, sih, siq, scb, sch)
+        k_base = head_base(K, b, hk, skb, skh)
+        v_base = head_base(V, b, hk, svb, svh)
+        for t in range(0, cnt, 2):
+            cols, col_ok, kend = tile_pair_cols(idx_ptr, t, cnt, KLen, Sk, offs_n, TILE_N, HAS_KLEN)
+            acc, l_i, m_i = _fwd_cols(acc, l_i, m_i, q, k_base, v_base, cols, col_ok, kend, offs_m, offs_d, off,
+                                      qk_scale, CAUSAL, PREC, skn, svn)
+    elif SPARSE:
         idx_ptr, cnt = tile_list(QIdx, QCnt, b, h, m0 // TILE_M, sib, sih, siq, scb, sch)
         for t in range(0, cnt):
             kt = tl.load(idx_ptr + t)
