@@ -188,9 +188,9 @@ def test_32_blocks_on_64_tiles(causal, deterministic):
 @pytest.mark.parametrize("klen", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gathered_tile_pairs(causal, klen):
-    """PAIR configs (forward and dQ): two 64-token list entries per 128-wide key block, gathered; odd counts
-    (a half-empty last block), an empty list, padded tiles, GQA, a sink, S not a multiple of 64 or 128, and
-    NaN past the sequence end; dK/dV on its usual 64x64 config."""
+    """PAIR configs: two 64-token list entries per 128-wide block, gathered (key tiles in the forward and dQ,
+    query tiles in dK/dV); odd counts (a half-empty last block), an empty list, padded tiles, GQA, a sink, S not
+    a multiple of 64 or 128, and NaN past the sequence end."""
     import triton
 
     s = 300  # 5 tiles, the last with 44 tokens
@@ -205,9 +205,31 @@ def test_gathered_tile_pairs(causal, klen):
     kernels = autotuned_kernels()
     forced = [(kernels["fwd"], triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "PAIR": True}, num_warps=4,
                                              num_stages=2)),
-              (kernels["dkdv"], triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)),
+              (kernels["dkdv"], triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "PAIR": True}, num_warps=4,
+                                              num_stages=2)),
               (kernels["dq"], triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "PAIR": True}, num_warps=4,
                                             num_stages=2))]
+    with forced_configs(forced):
+        compare(fn, ref, [q, k, v, torch.randn(4).requires_grad_()], TOL[torch.float32],
+                names=("q", "k", "v", "sink"))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gathered_query_tile_pairs_with_atomic_dq(causal):
+    """dK/dV PAIR with the opt-in atomic dQ (dQ added from the gathered rows), GQA, S = 200."""
+    import triton
+
+    s = 200
+    q, k, v = make_qkv(1, 4, 2, s, s, 64, torch.float32, seed=12)
+    idx, cnt = random_lists(1, 4, s, s, 64, 64, 0.75, generator=torch.Generator().manual_seed(6), causal=causal)
+    ref = _sparse(idx, cnt, causal, 64, 64)[1]
+
+    def fn(q, k, v, sink):
+        return block_sparse_attention(q, k, v, idx, cnt, sink, causal, deterministic=False)
+
+    kernels = autotuned_kernels()
+    forced = [(kernels["dkdv"], triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "PAIR": True}, num_warps=4,
+                                              num_stages=2))]
     with forced_configs(forced):
         compare(fn, ref, [q, k, v, torch.randn(4).requires_grad_()], TOL[torch.float32],
                 names=("q", "k", "v", "sink"))
@@ -224,3 +246,6 @@ def test_pair_configs_are_pruned_to_sparse_two_tile_blocks():
     assert prune_configs([pair, plain], sparse=True, tile_m=64, tile_n=64, **kw) == [pair, plain]
     assert prune_configs([pair, plain], sparse=True, tile_m=128, tile_n=128, **kw) == [plain]
     assert prune_configs([pair, plain], sparse=False, tile_m=64, tile_n=64, **kw) == [plain]
+    rows_pair = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "PAIR": True}, num_warps=8, num_stages=2)
+    kw["kernel"] = "dkdv"  # key-major: the pair is two query tiles
+    assert prune_configs([pair, rows_pair, plain], sparse=True, tile_m=64, tile_n=64, **kw) == [rows_pair, plain]

@@ -207,3 +207,15 @@ def tile_pair_cols(idx_ptr, t, cnt, KLen, Sk, offs_n, TILE_N: tl.constexpr, HAS_
     if HAS_KLEN:
         kend = tl.minimum(kt * TILE_N + tl.load(KLen + kt, mask=col_ok, other=0), Sk)
     return cols, col_ok, kend
+
+
+@triton.jit
+def tile_pair_rows(idx_ptr, t, cnt, Sq, offs_m, TILE_M: tl.constexpr):
+    """Entries t and t + 1 of a key tile's query-tile list as one block of 2 x TILE_M gathered query rows:
+    (rows, row_ok); the second half is absent (row_ok False) when t + 1 == cnt."""
+    half = offs_m // TILE_M
+    qt0 = tl.load(idx_ptr + t)
+    has1 = t + 1 < cnt
+    qt1 = tl.load(idx_ptr + t + 1, mask=has1, other=0)
+    rows = tl.where(half == 0, qt0, qt1) * TILE_M + offs_m % TILE_M
+    return rows, ((half == 0) | has1) & (rows < Sq)

@@ -186,8 +186,11 @@ def prune_configs(configs, kernel: str, head_dim: int, sparse: bool, tile_m: int
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if c.kwargs.get("PAIR", False):  # gathered tile pairs: sparse only, a key block of exactly two tiles
-            if not sparse or bn != 2 * tile_n or tile_m % bm:
+        if c.kwargs.get("PAIR", False):  # gathered tile pairs: sparse only, a block of exactly two tiles (query
+            # tiles in the key-major dK/dV, key tiles in the query-major forward and dQ)
+            pair_ok = (bm == 2 * tile_m and tile_n % bn == 0) if kernel == "dkdv" else \
+                (bn == 2 * tile_n and tile_m % bm == 0)
+            if not sparse or not pair_ok:
                 continue
         elif sparse and (tile_m % bm or tile_n % bn):
             continue

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ._common import (causal_full_end, causal_key_end, causal_query_range, head_base, key_program, key_tile_end,
                       load_rows_f32, query_program, row_major_ptrs, row_program, store_dkdv, store_rows, tile_list,
-                      tile_pair_cols, tma_rows, transposed_ptrs, visible)
+                      tile_pair_cols, tile_pair_rows, tma_rows, transposed_ptrs, visible)
 from ._tuning import EVEN_HEURISTICS, make_configs, make_pair_configs, make_pruner, make_tma_configs, with_tma_configs
 
 # the first config the pruning keeps is the untuned default (SINKFREE_AUTOTUNE=0); the pruning drops configs whose
@@ -37,7 +37,10 @@ DKDV_TMA_CONFIGS = make_tma_configs([(64, 128, 8, 2, False), (64, 128, 8, 3, Fal
 # Not autotuned: the forward's warp-specialized config stalled the H200 autotuner (attention_fwd.FWD_WS_CONFIGS).
 DKDV_WS_CONFIGS = make_tma_configs([(64, 128, 4, 2, True)])
 DQ_TMA_CONFIGS = make_tma_configs([(128, 64, 8, 2, False), (128, 64, 8, 3, False), (64, 64, 4, 3, False)])
-DKDV_CONFIGS = with_tma_configs(DKDV_POINTER_CONFIGS, DKDV_TMA_CONFIGS)
+# gathered query-tile pairs for sparse 64-token tiles: BLOCK_M = 2 x TILE_M rows from two entries of a key tile's
+# (transposed) list, as the forward and dQ gather key tiles
+DKDV_PAIR_CONFIGS = make_pair_configs([(128, 64, 8, 2), (128, 64, 8, 3)])  # 4 warps spill 0.9-1.1 KB at D 128
+DKDV_CONFIGS = with_tma_configs(DKDV_POINTER_CONFIGS, DKDV_TMA_CONFIGS) + DKDV_PAIR_CONFIGS
 # gathered tile pairs for sparse 64-token tiles, as in the forward (attention_fwd.FWD_PAIR_CONFIGS)
 DQ_PAIR_CONFIGS = make_pair_configs([(64, 128, 4, 2), (64, 128, 8, 2)])
 DQ_CONFIGS = with_tma_configs(DQ_POINTER_CONFIGS, DQ_TMA_CONFIGS) + DQ_PAIR_CONFIGS
@@ -113,6 +116,30 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, st
 
 
 @triton.jit
+def _dkdv_rows(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, rows, row_ok, offs_n, offs_d, kend,
+               off, qk_scale, sm_scale, sqm, sdom, sgqm, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+               ATOMIC_DQ: tl.constexpr):
+    """_dkdv_block over gathered query rows `rows` (BLOCK_M,) of one head; row_ok marks real rows (an absent
+    second tile, rows past Sq)."""
+    q = tl.load(q_base + rows[:, None] * sqm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_base + rows[:, None] * sdom + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    qkT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+    pT = tl.math.exp2(qkT - lse2[None, :])
+    pT = tl.where(row_ok[None, :] & visible(offs_n[:, None], rows[None, :], kend, off, CAUSAL), pT, 0.0)
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
+    if ATOMIC_DQ:
+        dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PREC) * sm_scale
+        tl.atomic_add(dq_base + rows[:, None] * sgqm + offs_d[None, :], dq, mask=row_ok[:, None], sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
 def _group_head(Q, DO, Lse, Delta, DQAcc, b, hk, g, H, GROUP, Sq, sqb, sqh, sdob, sdoh, sqab, sqah):
     """Query head g of kv head hk's GQA group: (h, Q, dO and dQ-accumulator bases, LSE and delta rows)."""
     h = hk * GROUP + g
@@ -134,10 +161,12 @@ def _attn_bwd_dkdv(
     TILE_M: tl.constexpr, TILE_N: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     HAS_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    USE_TMA: tl.constexpr = False, WARP_SPEC: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, WARP_SPEC: tl.constexpr = False, PAIR: tl.constexpr = False,
 ):
     # DescQ/K/V/DO: tensor descriptors of q, k, v, dO when HAS_DESC (else the tensors again, unused); USE_TMA (a
-    # config flag, only with HAS_DESC on dense launches) loads through them
+    # config flag, only with HAS_DESC on dense launches) loads through them. PAIR (sparse, BLOCK_M == 2 * TILE_M):
+    # two entries of the key tile's query-tile list per query block, gathered.
+    tl.static_assert(not PAIR or (SPARSE and BLOCK_M == 2 * TILE_M))
     tl.static_assert(not USE_TMA or (HAS_DESC and not SPARSE))
     tl.static_assert(not WARP_SPEC or USE_TMA)
     pid_bh, b, hk, n0, offs_n, offs_m, offs_d = key_program(HKV, BLOCK_M, BLOCK_N, HEAD_DIM)
@@ -177,7 +206,14 @@ def _attn_bwd_dkdv(
         for g in range(0, GROUP):
             h, q_base, do_base, lse_base, delta_base, dq_base = _group_head(
                 Q, DO, Lse, Delta, DQAcc, b, hk, g, H, GROUP, Sq, sqb, sqh, sdob, sdoh, sqab, sqah)
-            if SPARSE:
+            if PAIR:
+                idx_ptr, cnt = tile_list(KIdx, KCnt, b, h, kt, sib, sih, siq, scb, sch)
+                for t in range(0, cnt, 2):
+                    rows, row_ok = tile_pair_rows(idx_ptr, t, cnt, Sq, offs_m, TILE_M)
+                    dk, dv = _dkdv_rows(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, rows, row_ok,
+                                        offs_n, offs_d, kend, off, qk_scale, sm_scale, sqm, sdom, sqam, CAUSAL,
+                                        PREC, ATOMIC_DQ)
+            elif SPARSE:
                 idx_ptr, cnt = tile_list(KIdx, KCnt, b, h, kt, sib, sih, siq, scb, sch)
                 for t in range(0, cnt):
                     qt = tl.load(idx_ptr + t)
