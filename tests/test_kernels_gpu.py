@@ -112,6 +112,30 @@ def test_every_config_sparse_bf16(which):
     assert not failures, f"{len(failures)}/{len(kept)} configs of {which} failed:\n" + "\n".join(failures)
 
 
+@pytest.mark.parametrize("which", ["fwd", "dkdv", "dkdv-atomic", "dq"])
+def test_pair_configs_sparse_bf16(which):
+    """Every gathered tile-pair (PAIR) config of one kernel on 64-tiles, S = 4000 (a partial last tile), causal,
+    GQA, sink; the other two kernels keep their default config."""
+    from sinkfree_kernels._tuning import max_shared_memory, prune_configs
+
+    name = which.split("-")[0]
+    atomic = which.endswith("atomic")
+    kernel = autotuned_kernels()[name]
+    pairs = [c for c in kernel.configs if c.kwargs.get("PAIR", False)]
+    kept = prune_configs(pairs, name, head_dim=128, sparse=True, tile_m=64, tile_n=64, elem_bytes=2,
+                         smem_limit=max_shared_memory(torch.cuda.current_device()), atomic_dq=atomic)
+    assert pairs and kept and all(c.kwargs.get("PAIR", False) for c in kept)
+    failures = []
+    for config in kept:
+        fn, ref, inputs = _sparse_case(4000, 64, True, not atomic, _seed("pair", which), hq=4, hkv=2)
+        with forced_configs([(kernel, config)]):
+            try:
+                compare(fn, ref, inputs, BF16_TOL, names=NAMES)
+            except Exception as e:
+                failures.append(f"{config}: {type(e).__name__}: {e}")
+    assert not failures, f"{len(failures)}/{len(kept)} PAIR configs of {which} failed:\n" + "\n".join(failures)
+
+
 def _check_tma_configs(forced, causal, tag):
     """Each entry of `forced` (a list of (kernel, config) pairs) in turn, bf16 vs the fp32 reference with
     gradients: odd S (rows past S zero-filled by TMA, then masked), GQA, sink, D 128 and 64, Sq != Sk."""
