@@ -112,10 +112,11 @@ def test_every_config_sparse_bf16(which):
     assert not failures, f"{len(failures)}/{len(kept)} configs of {which} failed:\n" + "\n".join(failures)
 
 
-@pytest.mark.parametrize("which", ["fwd", "dkdv", "dkdv-atomic", "dq"])
+@pytest.mark.parametrize("which", ["fwd", "dkdv", "dq"])
 def test_pair_configs_sparse_bf16(which):
-    """Every gathered tile-pair (PAIR) config of one kernel on 64-tiles, S = 4000 (a partial last tile), causal,
-    GQA, sink; the other two kernels keep their default config."""
+    """Every gathered tile-pair (PAIR) config of one kernel on 64-tiles, D 128, S = 4000 (a partial last tile),
+    causal, GQA, sink; the other two kernels keep their default config. (With the atomic dQ the dK/dV PAIR configs
+    exceed the shared memory at D 128 and are pruned; the interpreter test covers that mode at D 64.)"""
     from sinkfree_kernels._tuning import max_shared_memory, prune_configs
 
     name = which.split("-")[0]
