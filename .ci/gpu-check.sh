@@ -58,7 +58,8 @@ for s in "$@"; do
         stage attn-tma 200 bash -c "SINKFREE_ATTN_TMA=only TRITON_PRINT_AUTOTUNING=1 sf bench attention \
             --sections dense --modes fwd fwd+bwd --providers cudnn flash flash+sink --json $OUT/attn-tma.json" ;;
     bench-sparse)  # issue 3 / 6: block-sparse 64 and 128 tiles vs the vsa package and FlexAttention
-        stage attn-sparse 240 bash -c "sf bench attention --sections sparse --json $OUT/attn-sparse.json" ;;
+        stage attn-sparse 300 bash -c "TRITON_PRINT_AUTOTUNING=1 sf bench attention --sections sparse \
+            --json $OUT/attn-sparse.json" ;;  # the autotuning lines show whether a PAIR config won
     bench-sage8)  # issue 7: accuracy against fp64, then speed with quantisation inside the timed region
         stage sage8-accuracy 200 bash -c "sf bench accuracy --sink --shapes 1x4x4096x128 1x4x4096x64:causal \
             1x4x16384x128:causal --json $OUT/sage8-accuracy.json"
