@@ -112,6 +112,7 @@ for s in "$@"; do
             done
             cfg=$OUT/ab-recipes; common="$common --data.batch_size ${AB_VSA_BATCH:-4}"
         fi
+        common="$common ${AB_VSA_EXTRA:-}"  # more overrides for every arm, e.g. "--model.compile false"
         case $arm in
         dense) args="--config $cfg/video-dense.yaml $common" ;;
         dense2) args="--config $cfg/video-dense.yaml $common --seed_everything 2 \
