@@ -381,6 +381,11 @@ def test_gatednorm_fused_up_matches_the_plain_path(identity_init):
         assert all(rel(g, bg) < 1e-6 for g, bg in zip(grads, base_grads))
     ref_out, ref_grads = run(ref, ref, autocast=True)
     out, grads = run(fused, compiled, autocast=True)
+    bf = GatedNorm(48, rank=8, kernel="fused_up").to(torch.bfloat16)  # pure bf16: output stays bf16
+    xb = x.to(torch.bfloat16).requires_grad_()
+    yb = bf(xb)
+    yb.float().square().sum().backward()
+    assert yb.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
     assert rel(out, base_out) <= 1.2 * rel(ref_out, base_out) + 1e-4
     for g, rg, bg in zip(grads, ref_grads, base_grads):
         assert 0 < rel(g, bg) <= 1.2 * rel(rg, bg) + 1e-4

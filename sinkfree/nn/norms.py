@@ -125,7 +125,7 @@ class _Gate(torch.autograd.Function):
         h = F.silu(a)
         ctx.save_for_backward(y, a, w_down, w_up)
         ctx.scale = scale
-        return y * (scale * torch.sigmoid(_rank_r(h, w_up)))
+        return (y * (scale * torch.sigmoid(_rank_r(h, w_up)))).to(y.dtype)  # y's dtype, as the plain path
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
