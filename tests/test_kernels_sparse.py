@@ -185,16 +185,16 @@ def test_32_blocks_on_64_tiles(causal, deterministic):
                 names=("q", "k", "v", "sink"))
 
 
-@pytest.mark.parametrize("klen", [False, True])
+@pytest.mark.parametrize("klen,dtype", [(False, torch.float32), (True, torch.float32), (True, torch.float16)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gathered_tile_pairs(causal, klen):
+def test_gathered_tile_pairs(causal, klen, dtype):
     """PAIR configs: two 64-token list entries per 128-wide block, gathered (key tiles in the forward and dQ,
     query tiles in dK/dV); odd counts (a half-empty last block), an empty list, padded tiles, GQA, a sink, S not
     a multiple of 64 or 128, and NaN past the sequence end."""
     import triton
 
     s = 300  # 5 tiles, the last with 44 tokens
-    q, k, v = make_qkv(1, 4, 2, s, s, 64, torch.float32, seed=11)
+    q, k, v = make_qkv(1, 4, 2, s, s, 64, dtype, seed=11)
     q, k, v = (_poisoned(t, 128, float("nan")) for t in (q, k, v))
     idx, cnt = random_lists(1, 4, s, s, 64, 64, 0.6, generator=torch.Generator().manual_seed(4), causal=causal)
     cnt[0, 1, 2] = 0
@@ -210,8 +210,7 @@ def test_gathered_tile_pairs(causal, klen):
               (kernels["dq"], triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "PAIR": True}, num_warps=4,
                                             num_stages=2))]
     with forced_configs(forced):
-        compare(fn, ref, [q, k, v, torch.randn(4).requires_grad_()], TOL[torch.float32],
-                names=("q", "k", "v", "sink"))
+        compare(fn, ref, [q, k, v, torch.randn(4).requires_grad_()], TOL[dtype], names=("q", "k", "v", "sink"))
 
 
 @pytest.mark.parametrize("causal", [False, True])
