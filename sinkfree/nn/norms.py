@@ -110,18 +110,30 @@ def _rank_r(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return u
 
 
+def _rank_r_down(y: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """a = y W_downᵀ (..., r) as nn.Linear computes it (autocast dtype under autocast). While torch.compile traces,
+    as r row sums of y·W_down[j]: Inductor folds them into the kernel that produces y (one pass over the row, no
+    (N, C) copy of y for a GEMM); eagerly F.linear."""
+    if not torch.compiler.is_compiling():
+        return F.linear(y, w_down)
+    dt = torch.get_autocast_dtype(y.device.type) if torch.is_autocast_enabled(y.device.type) else y.dtype
+    yl, w = y.to(dt).float(), w_down.to(dt).float()
+    return torch.stack([(yl * w[j]).sum(-1) for j in range(w.shape[0])], dim=-1).to(dt)
+
+
 class _Gate(torch.autograd.Function):
     """GatedNorm's gating for gatednorm_kernel='fused_up': out = y · scale·σ(W_up SiLU(W_down y)).
 
-    The two (N, C)-wide rank-r products, u = h W_upᵀ (forward, recomputed in the backward) and da W_down (the
-    backward's input gradient through W_down), go through `_rank_r`, so neither is ever stored: Inductor fuses
-    them into the pointwise kernels around them. The forward's a = y W_downᵀ and the backward's reductions over C
-    (dh = du W_up) and over the rows (dW_up = duᵀh, dW_down = daᵀy) stay GEMMs. Saves y (as the plain path does)
-    and a (N, r). GEMM operands in a's dtype: the autocast dtype under autocast, as nn.Linear."""
+    While compiling, the forward is one Inductor kernel with the norm before it: a = y W_downᵀ as r row sums
+    (`_rank_r_down`) and u = h W_upᵀ as r multiply-adds (`_rank_r`), so neither u nor a GEMM copy of y is written.
+    The backward recomputes u the same way and computes da W_down (its input gradient through W_down) as r
+    multiply-adds inside the dx kernel; its reductions over C (dh = du W_up) and over the rows (dW_up = duᵀh,
+    dW_down = daᵀy) stay GEMMs. Saves y and a (N, r). Products in a's dtype (the autocast dtype under autocast,
+    as nn.Linear) with fp32 sums."""
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, scale: float) -> torch.Tensor:
-        a = F.linear(y, w_down)  # autocast applies here as in nn.Linear
+        a = _rank_r_down(y, w_down)
         h = F.silu(a)
         ctx.save_for_backward(y, a, w_down, w_up)
         ctx.scale = scale
