@@ -111,12 +111,12 @@ def _rank_r(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _rank_r_down(y: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """a = y W_downᵀ (..., r) as nn.Linear computes it (autocast dtype under autocast). While torch.compile traces,
-    as r row sums of y·W_down[j]: Inductor folds them into the kernel that produces y (one pass over the row, no
-    (N, C) copy of y for a GEMM); eagerly F.linear."""
-    if not torch.compiler.is_compiling():
-        return F.linear(y, w_down)
+    """y W_downᵀ (..., r) for w_down (r, C), in the autocast dtype under autocast (as nn.Linear), else y's. While
+    torch.compile traces, as r row sums of y·W_down[j]: Inductor folds them into the kernel that produces y (one
+    pass over the row, no (N, C) copy of y for a GEMM); eagerly F.linear."""
     dt = torch.get_autocast_dtype(y.device.type) if torch.is_autocast_enabled(y.device.type) else y.dtype
+    if not torch.compiler.is_compiling():
+        return F.linear(y.to(dt), w_down.to(dt))
     yl, w = y.to(dt).float(), w_down.to(dt).float()
     return torch.stack([(yl * w[j]).sum(-1) for j in range(w.shape[0])], dim=-1).to(dt)
 
@@ -126,9 +126,9 @@ class _Gate(torch.autograd.Function):
 
     While compiling, the forward is one Inductor kernel with the norm before it: a = y W_downᵀ as r row sums
     (`_rank_r_down`) and u = h W_upᵀ as r multiply-adds (`_rank_r`), so neither u nor a GEMM copy of y is written.
-    The backward recomputes u the same way and computes da W_down (its input gradient through W_down) as r
-    multiply-adds inside the dx kernel; its reductions over C (dh = du W_up) and over the rows (dW_up = duᵀh,
-    dW_down = daᵀy) stay GEMMs. Saves y and a (N, r). Products in a's dtype (the autocast dtype under autocast,
+    The backward recomputes u the same way, takes dh = du W_up as r row sums in du's kernel and da W_down (its
+    input gradient through W_down) as r multiply-adds in the dx kernel; only the reductions over the rows
+    (dW_up = duᵀh, dW_down = daᵀy) stay GEMMs. Saves y and a (N, r). Products in a's dtype (the autocast dtype under autocast,
     as nn.Linear) with fp32 sums."""
 
     @staticmethod
@@ -148,7 +148,7 @@ class _Gate(torch.autograd.Function):
         # this (2 B/element) for the dy below instead of an fp32 dout·g
         g = (ctx.scale * torch.sigmoid(_rank_r(h, w_up))).to(mm).float()
         du = (dout * y * g * (1.0 - g / ctx.scale)).to(mm)
-        dh = du @ w_up.to(mm)  # (N, r)
+        dh = _rank_r_down(du, w_up.t())  # (N, r): du W_up, row sums while compiling (folded into du's kernel)
         rows_h = h.reshape(-1, h.shape[-1])
         dw_up = du.reshape(-1, du.shape[-1]).t() @ rows_h  # (C, r)
         sa = torch.sigmoid(a.float())
