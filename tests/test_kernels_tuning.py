@@ -246,3 +246,19 @@ def test_tma_listing_and_no_in_kernel_descriptor_configs(monkeypatch):
     assert "DEVICE_DESC" not in fn.arg_names
     for c in (attention_fwd.FWD_CONFIGS + attention_fwd.FWD_TMA_CONFIGS + attention_fwd.FWD_WS_CONFIGS):
         assert "DEVICE_DESC" not in c.kwargs
+
+
+def test_sparse_pair_switch(monkeypatch):
+    import triton  # noqa: F401
+
+    from sinkfree_kernels import _tuning
+
+    monkeypatch.setattr(_tuning, "INTERPRET", False)  # the lists as a GPU import builds them
+    spec = [(64, 128, 4, 2)]
+    monkeypatch.setenv("SINKFREE_SPARSE_PAIR", "1")
+    assert [c.kwargs for c in _tuning.make_pair_configs(spec)] == [{"BLOCK_M": 64, "BLOCK_N": 128, "PAIR": True}]
+    monkeypatch.setenv("SINKFREE_SPARSE_PAIR", "0")
+    assert _tuning.make_pair_configs(spec) == []
+    monkeypatch.setenv("SINKFREE_SPARSE_PAIR", "yes")
+    with pytest.raises(ValueError, match="SINKFREE_SPARSE_PAIR='yes'.*0"):
+        _tuning.make_pair_configs(spec)

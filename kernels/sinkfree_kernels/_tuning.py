@@ -65,9 +65,14 @@ def make_configs(specs):
 
 def make_pair_configs(specs):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples as configs of the sparse kernels' gathered tile-pair
-    path (PAIR constexpr; the pruning keeps them only for sparse launches with BLOCK_N == 2 x TILE_N). None on
-    the interpreter (tests force them)."""
-    if INTERPRET:
+    path (PAIR constexpr; the pruning keeps them only for sparse launches with a block of exactly two tiles).
+    None on the interpreter (tests force them) or with SINKFREE_SPARSE_PAIR=0 (read at import: the per-tile
+    configs only)."""
+    flag = os.environ.get("SINKFREE_SPARSE_PAIR", "1").strip()
+    if flag not in ("0", "1"):
+        raise ValueError(f"SINKFREE_SPARSE_PAIR={flag!r}: allowed values are 1 (default: the autotuner also tries "
+                         "gathered tile-pair configs for 64-token tiles) and 0 (per-tile configs only)")
+    if INTERPRET or flag == "0":
         return []
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "PAIR": True}, num_warps=w, num_stages=s)
             for bm, bn, w, s in specs]
