@@ -88,9 +88,10 @@ for s in "$@"; do
         stage lm-fused 600 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
             $OUT/125m-baseline-separate.yaml $OUT/125m-gated-separate.yaml --steps 200 --skip 50 --profile-steps 3 \
             --json $OUT/lm-fused.json" ;;
-    bench-vsa-separate)  # issue 6: the compiled dit-video-b step with one GEMM per projection (fused_proj off)
-        stage vsa-separate 500 bash -c "sf bench vsa --model dit-video-b --compile --no-fused-proj --profile-steps 2 \
-            --json $OUT/vsa-separate.json" ;;
+    bench-vsa-proj)  # issue 6: the compiled dit-video-b step with fused and with separate projections, both arms,
+        # one process (VSA rows against the faster dense row; ~10 minutes)
+        stage vsa-proj 600 bash -c "sf bench vsa --model dit-video-b --compile --proj both --profile-steps 2 \
+            --json $OUT/vsa-proj.json" ;;
     bench-lm-autotune)  # issue 2: the same with Inductor's max-autotune GEMM templates (epilogue fusion)
         stage lm-autotune 590 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
             --steps 300 --skip 100 --profile-steps 3 --set=--model.compile_mode=max-autotune-no-cudagraphs --json $OUT/lm-autotune.json" ;;
@@ -169,7 +170,7 @@ print(f\"corpus: {len(dm.source.paths)} files, {n} train windows of 2048 = {n * 
         stage ab-sage8-compare 60 bash -c "sf compare $OUT/runs/ab-bf16 $OUT/runs/ab-bf16-seed2 $OUT/runs/ab-sage8 \
             --labels bf16 bf16-s2 sage8 --seed-pair 0 1 --out $OUT/compare-sage8 --json $OUT/compare-sage8.json" ;;
     *) echo "unknown stage $s: tests tests-sage8 bench-attn-tma bench-sparse bench-sage8 bench-lm bench-lm-gn" \
-            "bench-lm-fused bench-lm-autotune bench-vsa bench-vsa-separate" \
+            "bench-lm-fused bench-lm-autotune bench-vsa bench-vsa-proj" \
             "ab-vsa:{dense,dense2,vsa,compare} ab-vsa-short:{dense,dense2,vsa,vsa2}" \
             "ab-sage8:{corpus,bf16,bf16-2,sage8,compare}"
        exit 2 ;;

@@ -34,9 +34,15 @@ def test_model_step_rows_and_optimizer(monkeypatch):
     assert all(r["ms"] == 2.0 and r["S"] == 256 for r in rows)
     assert rows[1]["params"] > rows[0]["params"]  # VSA adds the coarse gate projection
     assert len(steps) == 2 and len(seen) == 6 and min(seen) > 0  # every timed step ran AdamW on gradients
-    args = build_parser().parse_args(["--model", "dit-tiny", "--grid", "4,8,8", "--no-fused-proj"])
-    assert [r["name"] for r in bench_model(args, None, device="cpu")] == ["dit-tiny sdpa separate",
-                                                                           "dit-tiny vsa separate"]
+    args = build_parser().parse_args(["--model", "dit-tiny", "--grid", "4,8,8", "--proj", "both"])
+    rows = bench_model(args, None, device="cpu")
+    assert [r["name"] for r in rows] == ["dit-tiny sdpa", "dit-tiny sdpa separate", "dit-tiny vsa",
+                                         "dit-tiny vsa separate"]
+    assert [r["fused_proj"] for r in rows] == [True, False, True, False]
+    from sinkfree.bench.vsa import dense_baselines
+
+    rows[0]["ms"], rows[1]["ms"] = 3.0, 2.5  # the faster dense layout is the baseline
+    assert dense_baselines(rows) == {"model": 2.5}
 
 
 def test_profile_steps_profiles_each_arm_and_validates(monkeypatch, capsys):

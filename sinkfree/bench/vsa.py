@@ -30,9 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time a training step (forward, backward, AdamW) of this DiT preset, e.g. dit-video-b")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile both models of the --model training step (dense and VSA)")
-    p.add_argument("--fused-proj", action=argparse.BooleanOptionalAction, default=True,
-                   help="build both models of the --model training step with fused_proj (one GEMM for q/k/v/gates, "
-                        "one for the MLP's gate/up; the default, as in DiTConfig); --no-fused-proj: one GEMM each")
+    p.add_argument("--proj", choices=("fused", "separate", "both"), default="fused",
+                   help="input projections of both models of the --model training step: fused (one GEMM for "
+                        "q/k/v/gates and one for the MLP's gate/up, DiTConfig's default), separate (a GEMM each), or "
+                        "both (four model rows; each arm's ratio is taken against the faster dense row)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up in ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
     p.add_argument("--profile-steps", type=int, default=0, metavar="N",
@@ -109,9 +110,10 @@ def bench_model(args, run, device: str = "cuda") -> list[dict]:
 
     grid = _ints(args.grid)
     rows = []
-    for backend in ("sdpa", "vsa"):
+    layouts = {"fused": (True,), "separate": (False,), "both": (True, False)}[args.proj]
+    for backend, fused in ((b, f) for b in ("sdpa", "vsa") for f in layouts):
         cfg = DiTConfig.from_name(args.model, attn_backend=backend, vsa_sparsity=args.sparsity,
-                                  vsa_tile=_ints(args.tile), fused_proj=args.fused_proj)
+                                  vsa_tile=_ints(args.tile), fused_proj=fused)
         # Pure bf16 weights and inputs (no fp32 master copy, no autocast), the same in both arms: the
         # 1B-parameter dit-video-b at 32768 tokens then fits one H200 with room to spare.
         model = DiT(cfg).to(device=device, dtype=torch.bfloat16)
@@ -134,7 +136,7 @@ def bench_model(args, run, device: str = "cuda") -> list[dict]:
         ms = do_bench(train_step, warmup=args.warmup, rep=args.rep, return_mode="median")
         name = f"{args.model} {backend}" + (" compiled" if args.compile else "") + ("" if cfg.fused_proj else " separate")
         rows.append(dict(section="model", name=name, mode="train step", ms=ms, S=math.prod(grid),
-                         params=model.num_params(), compiled=bool(args.compile)))
+                         params=model.num_params(), compiled=bool(args.compile), fused_proj=fused))
         if args.profile_steps:
             rows[-1]["profile"] = profiling.profile_calls(train_step, args.profile_steps)
         print(f"model     {name:28s} train step {ms:9.3f} ms", flush=True)
@@ -142,6 +144,16 @@ def bench_model(args, run, device: str = "cuda") -> list[dict]:
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def dense_baselines(rows: list[dict]) -> dict[str, float]:
+    """Each section's dense time: cuDNN attention, and the faster dense model row (with --proj both a VSA row is
+    measured against the best dense layout, not one slowed by its projection layout)."""
+    base: dict[str, float] = {}
+    for r in rows:
+        if r["name"] == "dense cuDNN" or " sdpa" in r["name"]:
+            base[r["section"]] = min(base.get(r["section"], float("inf")), r["ms"])
+    return base
 
 
 def vsa_main(argv: list[str]) -> int:
@@ -160,9 +172,10 @@ def vsa_main(argv: list[str]) -> int:
     rows = bench_attention(args, run)
     if args.model:
         rows += bench_model(args, run)
-    base = {r["section"]: r["ms"] for r in rows if r["name"] == "dense cuDNN" or " sdpa" in r["name"]}
+    base = dense_baselines(rows)
     fine = next(r["ms"] for r in rows if r["name"] == "VSA fine only")
-    print(f"card: {torch.cuda.get_device_name()}")
+    print(f"card: {torch.cuda.get_device_name()}" + ("; model rows against the faster dense row" if args.proj == "both"
+                                                      else ""))
     for r in rows:
         ratio = base.get(r["section"], float("nan")) / r["ms"]
         extra = f"  coarse+select / fine = {r['ms'] / fine:.1%}" if r["name"].startswith("VSA coarse") else ""
