@@ -5,6 +5,9 @@
 #   OUT=gpu-logs bash .ci/gpu-check.sh tests                                 # ~5 minutes
 #   OUT=gpu-logs bash .ci/gpu-check.sh tests-sage8 bench-attn-tma bench-sage8 # ~9 minutes
 #   OUT=gpu-logs bash .ci/gpu-check.sh bench-lm bench-vsa                    # ~7 minutes
+#   OUT=gpu-logs bash .ci/gpu-check.sh bench-lm-gn bench-vsa-proj bench-sparse  # ~23 minutes (issues 2, 6, 3)
+#   AB_VSA_SIZE=64 ARM_CAP=1500 CUDA_VISIBLE_DEVICES=N bash .ci/gpu-check.sh ab-vsa:dense   # (:dense2, :vsa on
+#                                                     # other cards, in the background; then ab-vsa:compare)
 #   OUT=gpu-logs bash .ci/gpu-check.sh ab-vsa:dense ab-vsa:dense2            # one arm per stage (≤ 590 s each)
 #   OUT=gpu-logs bash .ci/gpu-check.sh ab-vsa:vsa ab-vsa:compare
 #   OUT=gpu-logs bash .ci/gpu-check.sh ab-sage8:corpus ab-sage8:bf16 ab-sage8:bf16-2 ab-sage8:sage8 ab-sage8:compare
