@@ -88,27 +88,35 @@ def test_block_sparse_bf16(causal, tile, deterministic):
     compare(fn, ref, inputs, BF16_TOL, names=NAMES)
 
 
-@pytest.mark.parametrize("which", ["fwd", "dkdv", "dkdv-atomic", "dq"])
-def test_every_config_sparse_bf16(which):
-    """Every config of one kernel that the pruning keeps (the autotuner may pick any of them), on 128-tiles
-    walked in smaller blocks, S = 2112 = 33 x 64 (multiple of 32 and 64, not of 128: the last tile's later
-    sub-blocks lie past S), causal; the other two kernels keep their default config."""
+def _each_sparse_config(which, configs, s, tile, tag):
+    """Run the sparse case (S = s, tile-token tiles, causal, GQA, sink) once per config of `configs` that the
+    pruning keeps for kernel `which` ('fwd', 'dkdv', 'dkdv-atomic', 'dq'), forced; the other two kernels keep
+    their default config. Returns (kept configs, failure messages): every config is tried before failing."""
     from sinkfree_kernels._tuning import max_shared_memory, prune_configs
 
     name = which.split("-")[0]
     atomic = which.endswith("atomic")
     kernel = autotuned_kernels()[name]
-    kept = prune_configs(kernel.configs, name, head_dim=128, sparse=True, tile_m=128, tile_n=128, elem_bytes=2,
+    kept = prune_configs(configs(kernel), name, head_dim=128, sparse=True, tile_m=tile, tile_n=tile, elem_bytes=2,
                          smem_limit=max_shared_memory(torch.cuda.current_device()), atomic_dq=atomic)
-    assert kept, "pruning left nothing"
     failures = []
     for config in kept:
-        fn, ref, inputs = _sparse_case(2112, 128, True, not atomic, _seed("every", which), hq=4, hkv=2)
+        fn, ref, inputs = _sparse_case(s, tile, True, not atomic, _seed(tag, which), hq=4, hkv=2)
         with forced_configs([(kernel, config)]):
             try:
                 compare(fn, ref, inputs, BF16_TOL, names=NAMES)
             except Exception as e:  # collect every failing config, then fail once
                 failures.append(f"{config}: {type(e).__name__}: {e}")
+    return kept, failures
+
+
+@pytest.mark.parametrize("which", ["fwd", "dkdv", "dkdv-atomic", "dq"])
+def test_every_config_sparse_bf16(which):
+    """Every config of one kernel that the pruning keeps (the autotuner may pick any of them), on 128-tiles
+    walked in smaller blocks, S = 2112 = 33 x 64 (multiple of 32 and 64, not of 128: the last tile's later
+    sub-blocks lie past S), causal; the other two kernels keep their default config."""
+    kept, failures = _each_sparse_config(which, lambda k: k.configs, 2112, 128, "every")
+    assert kept, "pruning left nothing"
     assert not failures, f"{len(failures)}/{len(kept)} configs of {which} failed:\n" + "\n".join(failures)
 
 
@@ -117,23 +125,9 @@ def test_pair_configs_sparse_bf16(which):
     """Every gathered tile-pair (PAIR) config of one kernel on 64-tiles, D 128, S = 4000 (a partial last tile),
     causal, GQA, sink; the other two kernels keep their default config. (With the atomic dQ the dK/dV PAIR configs
     exceed the shared memory at D 128 and are pruned; the interpreter test covers that mode at D 64.)"""
-    from sinkfree_kernels._tuning import max_shared_memory, prune_configs
-
-    name = which.split("-")[0]
-    atomic = which.endswith("atomic")
-    kernel = autotuned_kernels()[name]
-    pairs = [c for c in kernel.configs if c.kwargs.get("PAIR", False)]
-    kept = prune_configs(pairs, name, head_dim=128, sparse=True, tile_m=64, tile_n=64, elem_bytes=2,
-                         smem_limit=max_shared_memory(torch.cuda.current_device()), atomic_dq=atomic)
-    assert pairs and kept and all(c.kwargs.get("PAIR", False) for c in kept)
-    failures = []
-    for config in kept:
-        fn, ref, inputs = _sparse_case(4000, 64, True, not atomic, _seed("pair", which), hq=4, hkv=2)
-        with forced_configs([(kernel, config)]):
-            try:
-                compare(fn, ref, inputs, BF16_TOL, names=NAMES)
-            except Exception as e:
-                failures.append(f"{config}: {type(e).__name__}: {e}")
+    kept, failures = _each_sparse_config(
+        which, lambda k: [c for c in k.configs if c.kwargs.get("PAIR", False)], 4000, 64, "pair")
+    assert kept and all(c.kwargs.get("PAIR", False) for c in kept), "no PAIR config listed or kept"
     assert not failures, f"{len(failures)}/{len(kept)} PAIR configs of {which} failed:\n" + "\n".join(failures)
 
 

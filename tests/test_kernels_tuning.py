@@ -249,8 +249,6 @@ def test_tma_listing_and_no_in_kernel_descriptor_configs(monkeypatch):
 
 
 def test_sparse_pair_switch(monkeypatch):
-    import triton  # noqa: F401
-
     from sinkfree_kernels import _tuning
 
     monkeypatch.setattr(_tuning, "INTERPRET", False)  # the lists as a GPU import builds them

@@ -14,7 +14,7 @@ def lists_from_map(tile_map: torch.Tensor, max_kept: int | None = None):
     Past cnt, a row holds its dropped tiles, also ascending (the row is a permutation of 0..Nk-1). Built by
     compaction, not sorting: each tile's slot is its rank among the kept (cumsum) or cnt + its rank among the
     dropped, and one scatter writes the tile numbers there (unique slots: deterministic). On an H200 the former
-    sort took ~0.2 ms a call for VSA's transposed 512-tile lists (4.7 ms of a dit-video-b step)."""
+    sort took ~0.2 ms a call for transposed lists of 512 tiles (12 x 512 rows of 512)."""
     nk = tile_map.shape[-1]
     kept = tile_map.to(torch.int32)
     cnt = kept.sum(-1, dtype=torch.int32)

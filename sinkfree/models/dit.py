@@ -76,7 +76,7 @@ class DiTConfig:
     fused_proj: bool = True
     """One GEMM for the attention's input projections (q, k, v, the output gate's, VSA's gate_compress) and one
     for SwiGLU's gate/up, over their weights concatenated at each step; same parameters and checkpoints. False:
-    one GEMM per projection (measured slower: docs/switches/attn_gate.md)."""
+    one GEMM per projection. Not yet compared on a DiT in one run: `sinkfree bench vsa --proj both` (docs/dit.md)."""
     attn_sink: str = "none"
     """Sink logit in the softmax denominator: none, learnable (per head) or off_by_one (fixed 0)."""
     sink_init: float = 0.0

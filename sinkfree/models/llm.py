@@ -87,9 +87,9 @@ class LLMConfig:
     gatednorm_identity_init: bool = False
     """Start GatedNorm as exactly RMSNorm (W_up = 0, 2*sigmoid): for retrofits."""
     gatednorm_kernel: str = "torch"
-    """GatedNorm implementation: torch (compiled by Inductor), triton (the fused sinkfree_kernels op, CUDA) or inductor
-    (torch, with the rank-r up-projection written for Inductor to fuse into the gate's pointwise kernel when
-    compiled; experimental)."""
+    """GatedNorm implementation: torch (compiled by Inductor; the fastest measured), triton (the fused
+    sinkfree_kernels op on CUDA, slower today: docs/switches/residual_sink.md) or fused_up (torch as one autograd
+    Function whose rank-r products Inductor fuses into the neighbouring kernels; experimental, not yet timed)."""
     norm: str = "rmsnorm"
     """Residual-side norm: rmsnorm, zero_centered ((1+w), keeps weight decay), dyt or identity (ablations)."""
     attn_softmax: str = "softmax"

@@ -128,8 +128,8 @@ class _Gate(torch.autograd.Function):
     (`_rank_r_down`) and u = h W_upᵀ as r multiply-adds (`_rank_r`), so neither u nor a GEMM copy of y is written.
     The backward recomputes u the same way, takes dh = du W_up as r row sums in du's kernel and da W_down (its
     input gradient through W_down) as r multiply-adds in the dx kernel; only the reductions over the rows
-    (dW_up = duᵀh, dW_down = daᵀy) stay GEMMs. Saves y and a (N, r). Products in a's dtype (the autocast dtype under autocast,
-    as nn.Linear) with fp32 sums."""
+    (dW_up = duᵀh, dW_down = daᵀy) stay GEMMs. Saves y and a (N, r). Products in a's dtype (the autocast dtype
+    under autocast, as nn.Linear) with fp32 sums."""
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, scale: float) -> torch.Tensor:
@@ -144,8 +144,7 @@ class _Gate(torch.autograd.Function):
         y, a, w_down, w_up = ctx.saved_tensors
         mm = a.dtype
         h = F.silu(a)
-        # g rounded to the GEMM dtype as nn.Linear's u and the sigmoid of it are in the plain path; Inductor keeps
-        # this (2 B/element) for the dy below instead of an fp32 dout·g
+        # g rounded to the GEMM dtype, as the plain path's u (nn.Linear's output) and its sigmoid are
         g = (ctx.scale * torch.sigmoid(_rank_r(h, w_up))).to(mm).float()
         du = (dout * y * g * (1.0 - g / ctx.scale)).to(mm)
         dh = _rank_r_down(du, w_up.t())  # (N, r): du W_up, row sums while compiling (folded into du's kernel)
