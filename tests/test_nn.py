@@ -346,51 +346,41 @@ def test_clip_output():
 
 
 @pytest.mark.parametrize("identity_init", [False, True])
-def test_gatednorm_fused_up_matches_the_plain_path(identity_init):
-    """kernel='fused_up' (one autograd Function, rank-r products as multiply-adds while compiling) gives the plain
-    path's output and every gradient: fp32 eagerly and through Dynamo + AOTAutograd (aot_eager, fullgraph), and
-    under bf16 autocast no further from the fp32 result than the plain path's own bf16 run."""
+def test_gatednorm_under_autocast_outputs_the_autocast_dtype(identity_init):
+    """Under bf16 autocast GatedNorm returns bf16 (what the next Linear consumes; the compiled step writes no fp32
+    copy of y), its output and every gradient within bf16 rounding of the fp32 module's, eagerly and through
+    Dynamo + AOTAutograd (aot_eager, fullgraph: the autocast check does not break the graph)."""
     import torch._dynamo
 
     torch.manual_seed(0)
-    ref = GatedNorm(48, rank=8, identity_init=identity_init)
+    norm = GatedNorm(48, rank=8, identity_init=identity_init)
     with torch.no_grad():
-        for p in ref.parameters():
+        for p in norm.parameters():
             p.normal_(0, 0.5)  # a non-trivial gate (identity_init would start it at exactly 1)
-    fused = GatedNorm(48, rank=8, identity_init=identity_init, kernel="fused_up")
-    fused.load_state_dict(ref.state_dict())
     x = torch.randn(64, 48) * 3
     x[0, 3] = 80.0  # an outlier channel value
     dy = torch.randn(64, 48)
 
-    def run(module, fn, autocast=False):
+    def run(fn, autocast):
         xx = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = fn(xx)
-        return out.detach().float(), torch.autograd.grad(out, [xx, *module.parameters()], dy)
+        return out, torch.autograd.grad(out, [xx, *norm.parameters()], dy.to(out.dtype))
 
     def rel(a, b):
-        return float((a.float() - b.float()).norm() / b.float().norm())
+        return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
 
     torch._dynamo.reset()
-    base_out, base_grads = run(ref, ref)
-    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
-    for fn in (fused, compiled):
-        out, grads = run(fused, fn)
-        assert rel(out, base_out) < 1e-6
-        assert all(rel(g, bg) < 1e-6 for g, bg in zip(grads, base_grads))
-    ref_out, ref_grads = run(ref, ref, autocast=True)
-    out, grads = run(fused, compiled, autocast=True)
-    bf = GatedNorm(48, rank=8, kernel="fused_up").to(torch.bfloat16)  # pure bf16: output stays bf16
-    xb = x.to(torch.bfloat16).requires_grad_()
-    yb = bf(xb)
-    yb.float().square().sum().backward()
-    assert yb.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
-    assert rel(out, base_out) <= 1.2 * rel(ref_out, base_out) + 1e-4
-    for g, rg, bg in zip(grads, ref_grads, base_grads):
-        assert 0 < rel(g, bg) <= 1.2 * rel(rg, bg) + 1e-4
+    want, want_grads = run(norm, autocast=False)
+    assert want.dtype == torch.float32
+    for fn in (norm, torch.compile(norm, backend="aot_eager", fullgraph=True)):
+        out, grads = run(fn, autocast=True)
+        assert out.dtype == torch.bfloat16
+        assert 0 < rel(out, want) < 1e-2
+        for g, wg in zip(grads, want_grads):
+            assert g.dtype == wg.dtype and 0 < rel(g, wg) < 3e-2
 
 
 def test_gatednorm_unknown_kernel_is_a_clear_error():
-    with pytest.raises(ValueError, match="gatednorm_kernel='cuda'.*torch.*triton.*fused_up"):
+    with pytest.raises(ValueError, match="gatednorm_kernel='cuda'.*torch.*triton"):
         GatedNorm(8, kernel="cuda")

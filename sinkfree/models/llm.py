@@ -88,8 +88,7 @@ class LLMConfig:
     """Start GatedNorm as exactly RMSNorm (W_up = 0, 2*sigmoid): for retrofits."""
     gatednorm_kernel: str = "torch"
     """GatedNorm implementation: torch (compiled by Inductor; the fastest measured), triton (the fused
-    sinkfree_kernels op on CUDA, slower today: docs/switches/residual_sink.md) or fused_up (torch as one autograd
-    Function whose rank-r products Inductor fuses into the neighbouring kernels; experimental, not yet timed)."""
+    sinkfree_kernels op on CUDA, slower today: docs/switches/residual_sink.md)."""
     norm: str = "rmsnorm"
     """Residual-side norm: rmsnorm, zero_centered ((1+w), keeps weight decay), dyt or identity (ablations)."""
     attn_softmax: str = "softmax"

@@ -11,7 +11,7 @@ from sinkfree.nn.params import no_weight_decay
 
 NORM_KINDS = ("rmsnorm", "zero_centered", "dyt", "identity")
 RESIDUAL_SINK_KINDS = ("none", "preaffine", "gatednorm")
-GATEDNORM_KERNELS = ("torch", "triton", "fused_up")
+GATEDNORM_KERNELS = ("torch", "triton")
 
 
 def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -97,75 +97,15 @@ class PreAffineRMSNorm(RMSNorm):
         return self._norm(x.float() * self.pre_scale.float()).to(x.dtype)
 
 
-def _rank_r(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """h wᵀ in fp32 for h (..., r), w (C, r): a rank-r product. While torch.compile traces, as r broadcast
-    multiply-adds, so Inductor computes it inside the consumer's pointwise kernel instead of a skinny GEMM
-    writing (..., C); eagerly one matmul. Operands rounded to h's dtype (as nn.Linear under autocast)."""
-    w = w.to(h.dtype).float()
-    if not torch.compiler.is_compiling():
-        return h.float() @ w.t()
-    u = h[..., 0:1].float() * w[:, 0]
-    for r in range(1, w.shape[1]):
-        u = u + h[..., r:r + 1].float() * w[:, r]
-    return u
-
-
-def _rank_r_down(y: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """y W_downᵀ (..., r) for w_down (r, C), in the autocast dtype under autocast (as nn.Linear), else y's. While
-    torch.compile traces, as r row sums of y·W_down[j]: Inductor folds them into the kernel that produces y (one
-    pass over the row, no (N, C) copy of y for a GEMM); eagerly F.linear."""
-    dt = torch.get_autocast_dtype(y.device.type) if torch.is_autocast_enabled(y.device.type) else y.dtype
-    if not torch.compiler.is_compiling():
-        return F.linear(y.to(dt), w_down.to(dt))
-    yl, w = y.to(dt).float(), w_down.to(dt).float()
-    return torch.stack([(yl * w[j]).sum(-1) for j in range(w.shape[0])], dim=-1).to(dt)
-
-
-class _Gate(torch.autograd.Function):
-    """GatedNorm's gating for gatednorm_kernel='fused_up': out = y · scale·σ(W_up SiLU(W_down y)).
-
-    While compiling, the forward is one Inductor kernel with the norm before it: a = y W_downᵀ as r row sums
-    (`_rank_r_down`) and u = h W_upᵀ as r multiply-adds (`_rank_r`), so neither u nor a GEMM copy of y is written.
-    The backward recomputes u the same way, takes dh = du W_up as r row sums in du's kernel and da W_down (its
-    input gradient through W_down) as r multiply-adds in the dx kernel; only the reductions over the rows
-    (dW_up = duᵀh, dW_down = daᵀy) stay GEMMs. Saves y and a (N, r). Products in a's dtype (the autocast dtype
-    under autocast, as nn.Linear) with fp32 sums."""
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, scale: float) -> torch.Tensor:
-        a = _rank_r_down(y, w_down)
-        h = F.silu(a)
-        ctx.save_for_backward(y, a, w_down, w_up)
-        ctx.scale = scale
-        return (y * (scale * torch.sigmoid(_rank_r(h, w_up)))).to(y.dtype)  # y's dtype, as the plain path
-
-    @staticmethod
-    def backward(ctx, dout: torch.Tensor):
-        y, a, w_down, w_up = ctx.saved_tensors
-        mm = a.dtype
-        h = F.silu(a)
-        # g rounded to the GEMM dtype, as the plain path's u (nn.Linear's output) and its sigmoid are
-        g = (ctx.scale * torch.sigmoid(_rank_r(h, w_up))).to(mm).float()
-        du = (dout * y * g * (1.0 - g / ctx.scale)).to(mm)
-        dh = _rank_r_down(du, w_up.t())  # (N, r): du W_up, row sums while compiling (folded into du's kernel)
-        rows_h = h.reshape(-1, h.shape[-1])
-        dw_up = du.reshape(-1, du.shape[-1]).t() @ rows_h  # (C, r)
-        sa = torch.sigmoid(a.float())
-        da = (dh.float() * sa * (1.0 + a.float() * (1.0 - sa))).to(mm)  # SiLU'(a)
-        dw_down = da.reshape(-1, da.shape[-1]).t() @ y.reshape(-1, y.shape[-1]).to(mm)  # (r, C)
-        dy = dout * g + _rank_r(da, w_down.t())
-        return dy.to(y.dtype), dw_down.to(w_down.dtype), dw_up.to(w_up.dtype), None
-
-
 class GatedNorm(RMSNorm):
     """y = RMSNorm(x); y · gate_scale · σ(W_up SiLU(W_down y)) with a rank-r bottleneck.
 
     kernel: "torch" (the PyTorch path below, compiled by Inductor in the recipes; the reference, and what runs on
     CPU); "triton": on CUDA the fused op `sinkfree::gated_norm_fwd` / `_bwd` (sinkfree_kernels.gated_norm), also
     for every GatedNorm with SINKFREE_FUSED_GATEDNORM=1 (measured slower than the compiled PyTorch path on an H200:
-    0.840x vs 0.868x of the baseline's tokens/s for 125m-gated, see kernels/NOTES.md); "fused_up": the PyTorch
-    path as one autograd Function (`_Gate`) whose two (N, C)-wide rank-r products Inductor computes inside the
-    pointwise kernels, never written (experimental, not yet timed on a GPU)."""
+    0.822x vs 0.895x of the baseline's tokens/s for 125m-gated, see kernels/NOTES.md).
+
+    Under autocast the output is in the autocast dtype (what the next Linear consumes), else in x's dtype."""
 
     fused = os.environ.get("SINKFREE_FUSED_GATEDNORM", "0") == "1"  # opt-in: slower than Inductor today
 
@@ -197,9 +137,14 @@ class GatedNorm(RMSNorm):
             if supported(x, self.gate_down.weight):
                 return gated_norm(x, self.effective_weight(), self.gate_down.weight, self.gate_up.weight,
                                   self.eps, self.gate_scale)
-        y = super().forward(x)
-        if self.kernel == "fused_up":
-            return _Gate.apply(y, self.gate_down.weight, self.gate_up.weight, self.gate_scale)
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            # The consumer (a Linear, or DiT's modulation before one) takes autocast-dtype operands, so y and the
+            # gated output are kept in that dtype: the compiled step then writes no fp32 copy of y (N, C) for the
+            # gate multiply and its backward (GPU kernel traffic, kernels/NOTES.md "GatedNorm in the autocast dtype").
+            y = self._norm(x).to(torch.get_autocast_dtype(dev))
+        else:
+            y = super().forward(x)
         return y * self.gate(y)
 
     def extra_repr(self) -> str:
