@@ -125,8 +125,12 @@ def test_pair_configs_sparse_bf16(which):
     """Every gathered tile-pair (PAIR) config of one kernel on 64-tiles, D 128, S = 4000 (a partial last tile),
     causal, GQA, sink; the other two kernels keep their default config. (With the atomic dQ the dK/dV PAIR configs
     exceed the shared memory at D 128 and are pruned; the interpreter test covers that mode at D 64.)"""
-    kept, failures = _each_sparse_config(
-        which, lambda k: [c for c in k.configs if c.kwargs.get("PAIR", False)], 4000, 64, "pair")
+    from sinkfree_kernels import attention_bwd, attention_fwd
+    from sinkfree_kernels._tuning import make_pair_configs
+
+    specs = {"fwd": attention_fwd.FWD_PAIR_SPECS, "dkdv": attention_bwd.DKDV_PAIR_SPECS,
+             "dq": attention_bwd.DQ_PAIR_SPECS}[which]  # opt-in configs (SINKFREE_SPARSE_PAIR=1), built here
+    kept, failures = _each_sparse_config(which, lambda k: make_pair_configs(specs, force=True), 4000, 64, "pair")
     assert kept and all(c.kwargs.get("PAIR", False) for c in kept), "no PAIR config listed or kept"
     assert not failures, f"{len(failures)}/{len(kept)} PAIR configs of {which} failed:\n" + "\n".join(failures)
 

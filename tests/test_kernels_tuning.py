@@ -257,6 +257,9 @@ def test_sparse_pair_switch(monkeypatch):
     assert [c.kwargs for c in _tuning.make_pair_configs(spec)] == [{"BLOCK_M": 64, "BLOCK_N": 128, "PAIR": True}]
     monkeypatch.setenv("SINKFREE_SPARSE_PAIR", "0")
     assert _tuning.make_pair_configs(spec) == []
+    assert len(_tuning.make_pair_configs(spec, force=True)) == 1
+    monkeypatch.delenv("SINKFREE_SPARSE_PAIR")
+    assert _tuning.make_pair_configs(spec) == []  # opt-in
     monkeypatch.setenv("SINKFREE_SPARSE_PAIR", "yes")
     with pytest.raises(ValueError, match="SINKFREE_SPARSE_PAIR='yes'.*0"):
         _tuning.make_pair_configs(spec)

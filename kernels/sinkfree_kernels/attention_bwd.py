@@ -39,10 +39,12 @@ DKDV_WS_CONFIGS = make_tma_configs([(64, 128, 4, 2, True)])
 DQ_TMA_CONFIGS = make_tma_configs([(128, 64, 8, 2, False), (128, 64, 8, 3, False), (64, 64, 4, 3, False)])
 # gathered query-tile pairs for sparse 64-token tiles: BLOCK_M = 2 x TILE_M rows from two entries of a key tile's
 # (transposed) list, as the forward and dQ gather key tiles
-DKDV_PAIR_CONFIGS = make_pair_configs([(128, 64, 8, 2), (128, 64, 8, 3)])  # 4 warps spill 0.9-1.1 KB at D 128
+DKDV_PAIR_SPECS = [(128, 64, 8, 2), (128, 64, 8, 3)]
+DKDV_PAIR_CONFIGS = make_pair_configs(DKDV_PAIR_SPECS)  # 4 warps spill 0.9-1.1 KB at D 128
 DKDV_CONFIGS = with_tma_configs(DKDV_POINTER_CONFIGS, DKDV_TMA_CONFIGS) + DKDV_PAIR_CONFIGS
 # gathered tile pairs for sparse 64-token tiles, as in the forward (attention_fwd.FWD_PAIR_CONFIGS)
-DQ_PAIR_CONFIGS = make_pair_configs([(64, 128, 4, 2), (64, 128, 8, 2)])
+DQ_PAIR_SPECS = [(64, 128, 4, 2), (64, 128, 8, 2)]
+DQ_PAIR_CONFIGS = make_pair_configs(DQ_PAIR_SPECS)
 DQ_CONFIGS = with_tma_configs(DQ_POINTER_CONFIGS, DQ_TMA_CONFIGS) + DQ_PAIR_CONFIGS
 
 _KEY = ["SEQ_KEY", "HEAD_DIM", "CAUSAL", "SPARSE", "TILE_M", "TILE_N", "HAS_KLEN", "ATOMIC_DQ", "HAS_DESC"]

@@ -34,7 +34,8 @@ FWD_WS_CONFIGS = make_tma_configs([(128, 64, 4, 3, True), (128, 64, 4, 2, True),
 # illegal memory access on an H200, 2026-11-27; kernels/NOTES.md, git history at 3b133df.)
 # Sparse 64-token tiles gathered two per key block (PAIR, BLOCK_N = 2 x TILE_N): one 128-wide dot pair and one
 # softmax rescale per two tiles instead of per tile; the pruning keeps them only where BLOCK_N == 2 x TILE_N
-FWD_PAIR_CONFIGS = make_pair_configs([(64, 128, 4, 2), (64, 128, 8, 2), (64, 128, 4, 3)])
+FWD_PAIR_SPECS = [(64, 128, 4, 2), (64, 128, 8, 2), (64, 128, 4, 3)]
+FWD_PAIR_CONFIGS = make_pair_configs(FWD_PAIR_SPECS)
 FWD_CONFIGS = with_tma_configs(FWD_POINTER_CONFIGS, FWD_TMA_CONFIGS) + FWD_PAIR_CONFIGS
 
 
