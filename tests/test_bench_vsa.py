@@ -36,9 +36,9 @@ def test_model_step_rows_and_optimizer(monkeypatch):
     assert len(steps) == 2 and len(seen) == 6 and min(seen) > 0  # every timed step ran AdamW on gradients
     args = build_parser().parse_args(["--model", "dit-tiny", "--grid", "4,8,8", "--proj", "both"])
     rows = bench_model(args, None, device="cpu")
-    assert [r["name"] for r in rows] == ["dit-tiny sdpa", "dit-tiny sdpa separate", "dit-tiny vsa",
-                                         "dit-tiny vsa separate"]
-    assert [r["fused_proj"] for r in rows] == [True, False, True, False]
+    assert [r["name"] for r in rows] == ["dit-tiny sdpa", "dit-tiny sdpa fused", "dit-tiny vsa",
+                                         "dit-tiny vsa fused"]
+    assert [r["fused_proj"] for r in rows] == [False, True, False, True]
     from sinkfree.bench.vsa import dense_baselines
 
     rows[0]["ms"], rows[1]["ms"] = 3.0, 2.5  # the faster dense layout is the baseline

@@ -30,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time a training step (forward, backward, AdamW) of this DiT preset, e.g. dit-video-b")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile both models of the --model training step (dense and VSA)")
-    p.add_argument("--proj", choices=("fused", "separate", "both"), default="fused",
-                   help="input projections of both models of the --model training step: fused (one GEMM for "
-                        "q/k/v/gates and one for the MLP's gate/up, DiTConfig's default), separate (a GEMM each), or "
+    p.add_argument("--proj", choices=("fused", "separate", "both"), default="separate",
+                   help="input projections of both models of the --model training step: separate (a GEMM each, "
+                        "DiTConfig's default), fused (one GEMM for q/k/v/gates and one for the MLP's gate/up), or "
                         "both (four model rows; each arm's ratio is taken against the faster dense row)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up in ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
@@ -110,7 +110,7 @@ def bench_model(args, run, device: str = "cuda") -> list[dict]:
 
     grid = _ints(args.grid)
     rows = []
-    layouts = {"fused": (True,), "separate": (False,), "both": (True, False)}[args.proj]
+    layouts = {"fused": (True,), "separate": (False,), "both": (False, True)}[args.proj]
     for backend, fused in ((b, f) for b in ("sdpa", "vsa") for f in layouts):
         cfg = DiTConfig.from_name(args.model, attn_backend=backend, vsa_sparsity=args.sparsity,
                                   vsa_tile=_ints(args.tile), fused_proj=fused)
@@ -134,7 +134,7 @@ def bench_model(args, run, device: str = "cuda") -> list[dict]:
 
         train_step()  # compile (when asked) and allocate the optimizer state outside the timing
         ms = do_bench(train_step, warmup=args.warmup, rep=args.rep, return_mode="median")
-        name = f"{args.model} {backend}" + (" compiled" if args.compile else "") + ("" if cfg.fused_proj else " separate")
+        name = f"{args.model} {backend}" + (" compiled" if args.compile else "") + (" fused" if cfg.fused_proj else "")
         rows.append(dict(section="model", name=name, mode="train step", ms=ms, S=math.prod(grid),
                          params=model.num_params(), compiled=bool(args.compile), fused_proj=fused))
         if args.profile_steps:

@@ -73,10 +73,12 @@ class DiTConfig:
     """Sigmoid gate on the attention output before o_proj: none, headwise or elementwise."""
     attn_gate_identity_init: bool = False
     """Start the gate as exactly 1 (zero weights, 2*sigmoid): for retrofitting a trained model."""
-    fused_proj: bool = True
+    fused_proj: bool = False
     """One GEMM for the attention's input projections (q, k, v, the output gate's, VSA's gate_compress) and one
-    for SwiGLU's gate/up, over their weights concatenated at each step; same parameters and checkpoints. False:
-    one GEMM per projection. Not yet compared on a DiT in one run: `sinkfree bench vsa --proj both` (docs/dit.md)."""
+    for SwiGLU's gate/up, over their weights concatenated at each step; same parameters and checkpoints. False
+    (the DiT default): one GEMM per projection. Measured on dit-video-b, compiled, H200, one process: fused makes
+    the dense step 3.7% slower (Inductor's kernel for the fused q/k/v gradient runs 7x slower than the separate
+    ones) and the VSA step 0.8% faster (docs/dit.md)."""
     attn_sink: str = "none"
     """Sink logit in the softmax denominator: none, learnable (per head) or off_by_one (fixed 0)."""
     sink_init: float = 0.0
