@@ -31,6 +31,24 @@ def test_opcheck_block_sparse():
     torch.library.opcheck(torch.ops.sinkfree.block_sparse_attn_fwd.default, args, test_utils=OPCHECK_TESTS)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_outputs_and_grads_are_stored_bshd(sparse):
+    """out, dq, dk, dv come back as (B, H, S, D) views of (B, S, H, D) storage: out.transpose(1, 2) reshapes to
+    (B, S, H·D) without a copy, and the fused q/k/v projection's gradient needs no transposing copy (values: the
+    reference tests in test_kernels_dense/sparse run on these same outputs)."""
+    q, k, v = make_qkv(2, 4, 2, 70, 70, 64, torch.float16)
+    if sparse:
+        idx, cnt = random_lists(2, 4, 70, 70, 64, 64, 0.5)
+        out, _ = block_sparse_attention(q, k, v, idx, cnt, causal=False)
+    else:
+        out, _ = flash_attention(q, k, v, None, causal=True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    for t in (out, *grads):
+        assert t.transpose(1, 2).is_contiguous() and not t.is_contiguous()
+    assert out.transpose(1, 2).reshape(2, 70, 4 * 64).data_ptr() == out.data_ptr()  # a view
+
+
 def test_compiles_without_graph_breaks():
     q, k, v = make_qkv(1, 2, 1, 48, 48, 64, torch.float32)
     sink = torch.randn(2, requires_grad=True)

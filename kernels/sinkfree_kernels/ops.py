@@ -141,14 +141,22 @@ def _bwd_delta(out, dout, lse, dlse, sink):
     return delta, -part.view(b, hq, -1).sum(dim=(0, 2))
 
 
+def _bshd_empty(like, shape, dtype=None):
+    """An empty (B, H, S, D) tensor stored as (B, S, H, D): the layout the model reshapes to (B, S, H·D) for the
+    output projection (a view, no copy) and the layout of the fused q/k/v projection's gradient, so neither the
+    output nor dq/dk/dv needs a transposing copy around the kernels (which take any strides)."""
+    b, h, s, d = shape
+    return like.new_empty((b, s, h, d), dtype=dtype or like.dtype).transpose(1, 2)
+
+
 def _fake_fwd(q, *args):
     b, h, s, d = q.shape
-    return q.new_empty((b, h, s, d)), q.new_empty((b, h, s), dtype=torch.float32)
+    return _bshd_empty(q, (b, h, s, d)), q.new_empty((b, h, s), dtype=torch.float32)
 
 
 def _fake_grads(q, k, v, sink):
     n = q.shape[1] if sink is not None else 0
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+    return (_bshd_empty(q, q.shape), _bshd_empty(k, k.shape), _bshd_empty(v, v.shape),
             q.new_empty((n,), dtype=torch.float32))
 
 
@@ -156,7 +164,7 @@ def _forward(q, k, v, sink, causal, scale, idx=None, cnt=None, klen=None, tile_q
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
-    out = torch.empty((b, hq, sq, d), dtype=q.dtype, device=q.device)
+    out = _bshd_empty(q, (b, hq, sq, d))
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
@@ -180,9 +188,7 @@ def _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, deterministic,
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     q, k, v, dout = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v), _lastdim_contig(dout)
-    dq = torch.empty((b, hq, sq, d), dtype=q.dtype, device=q.device)
-    dk = torch.empty((b, hkv, sk, d), dtype=k.dtype, device=q.device)
-    dv = torch.empty((b, hkv, sk, d), dtype=v.dtype, device=q.device)
+    dq, dk, dv = _bshd_empty(q, (b, hq, sq, d)), _bshd_empty(k, (b, hkv, sk, d)), _bshd_empty(v, (b, hkv, sk, d))
     if sq == 0 or sk == 0:
         dsink = torch.zeros((hq,) if sink is not None else (0,), dtype=torch.float32, device=q.device)
         return dq.zero_(), dk.zero_(), dv.zero_(), dsink
@@ -194,7 +200,7 @@ def _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, deterministic,
                   TILE_M=tile_q, TILE_N=tile_k, PREC=_prec(q.dtype))
     key = seq_bucket(max(sq, sk))
     # opt-in faster mode: dQ added with fp32 atomics inside the dK/dV pass (no dQ kernel, not reproducible)
-    dq_acc = (torch.zeros((b, hq, sq, d), dtype=torch.float32, device=q.device) if not deterministic
+    dq_acc = (_bshd_empty(q, (b, hq, sq, d), torch.float32).zero_() if not deterministic
               else torch.empty(1, dtype=torch.float32, device=q.device))
     acc_strides = (dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2)) if not deterministic else (0, 0, 0)
 
