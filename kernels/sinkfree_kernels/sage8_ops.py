@@ -17,7 +17,7 @@ import triton
 
 from ._tuning import seq_bucket
 from .attention_fwd import LOG2E
-from .ops import (_bwd_delta, _bwd_list_args, _check_inputs, _fake_fwd, _fake_grads, _grid, _lastdim_contig,
+from .ops import (_bshd_empty, _bwd_delta, _bwd_list_args, _check_inputs, _fake_fwd, _fake_grads, _grid, _lastdim_contig,
                   _list_args, _prec, _register_tile_list_autograd, _softmax_scale, _tile_args)
 from .quant import EXACT_FP8, FP8_MAX, QUANT_BLOCK, _quant_channels, _quant_tokens_int8
 from .sage8_bwd import _sage8_bwd_dkdv, _sage8_bwd_dq
@@ -95,7 +95,7 @@ def _forward_quantized(qz, shape_q, shape_k, dtype, sink, causal, scale, idx=Non
     b, hq, sq, d = shape_q
     hkv, sk = shape_k[1], shape_k[2]
     device = qz["q8"].device
-    out = torch.empty((b, hq, sq, d), dtype=dtype, device=device)
+    out = _bshd_empty(qz["q8"], (b, hq, sq, d), dtype)  # the layout of ops.py's outputs (and their fakes)
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=device)
     if out.numel() == 0:
         return out, lse
@@ -136,9 +136,8 @@ def _backward(dout, dlse, q, k, v, out, lse, sink, causal, scale, smooth_k, idx=
     hkv, sk = k.shape[1], k.shape[2]
     q, k, v, dout = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v), _lastdim_contig(dout)
     out = _lastdim_contig(out)
-    dq = torch.zeros((b, hq, sq, d), dtype=q.dtype, device=q.device)
-    dk = torch.zeros((b, hkv, sk, d), dtype=k.dtype, device=q.device)
-    dv = torch.zeros((b, hkv, sk, d), dtype=v.dtype, device=q.device)
+    dq = _bshd_empty(q, (b, hq, sq, d)).zero_()
+    dk, dv = _bshd_empty(k, (b, hkv, sk, d)).zero_(), _bshd_empty(v, (b, hkv, sk, d)).zero_()
     if sq == 0 or sk == 0:
         dsink = torch.zeros((hq,) if sink is not None else (0,), dtype=torch.float32, device=q.device)
         return dq, dk, dv, dsink
