@@ -5,7 +5,9 @@
 #   OUT=gpu-logs bash .ci/gpu-check.sh tests                                 # ~5 minutes
 #   OUT=gpu-logs bash .ci/gpu-check.sh tests-sage8 bench-attn-tma bench-sage8 # ~9 minutes
 #   OUT=gpu-logs bash .ci/gpu-check.sh bench-lm bench-vsa                    # ~7 minutes
-#   OUT=gpu-logs bash .ci/gpu-check.sh bench-lm-gn bench-vsa-proj bench-sparse  # ~23 minutes (issues 2, 6, 3)
+#   OUT=gpu-logs bash .ci/gpu-check.sh tests bench-vsa-proj bench-sparse    # ~17 minutes: the (B, S, H, D) op
+#                                                     # outputs (bf16 tests, VSA step, kernel rows; kernels/NOTES.md)
+#   OUT=gpu-logs bash .ci/gpu-check.sh bench-lm bench-lm-gn                  # issue 2 (~11 minutes)
 #   AB_VSA_SIZE=64 ARM_CAP=1500 CUDA_VISIBLE_DEVICES=N bash .ci/gpu-check.sh ab-vsa:dense   # (:dense2, :vsa on
 #                                                     # other cards, in the background; then ab-vsa:compare)
 #   OUT=gpu-logs bash .ci/gpu-check.sh ab-vsa:dense ab-vsa:dense2            # one arm per stage (≤ 590 s each)
