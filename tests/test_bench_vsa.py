@@ -65,6 +65,9 @@ def test_profile_steps_profiles_each_arm_and_validates(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         vsa_main(["--profile-steps", "2"])  # without --model
     assert "--profile-steps 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        vsa_main(["--proj", "both"])  # without --model
+    assert "--proj both: only with --model" in capsys.readouterr().err
 
 
 def test_kernel_table_sums_gpu_kernels_per_step():

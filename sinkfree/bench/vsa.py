@@ -30,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time a training step (forward, backward, AdamW) of this DiT preset, e.g. dit-video-b")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile both models of the --model training step (dense and VSA)")
-    p.add_argument("--proj", choices=("fused", "separate", "both"), default="separate",
-                   help="input projections of both models of the --model training step: separate (a GEMM each, "
-                        "DiTConfig's default), fused (one GEMM for q/k/v/gates and one for the MLP's gate/up), or "
+    p.add_argument("--proj", choices=("fused", "separate", "both"), default=None,
+                   help="with --model, the input projections of both models of the training step: separate "
+                        "(the default: a GEMM each, as DiTConfig), fused (one GEMM for q/k/v/gates and one for the MLP's gate/up), or "
                         "both (four model rows; each arm's ratio is taken against the faster dense row)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up in ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
@@ -110,7 +110,7 @@ def bench_model(args, run, device: str = "cuda") -> list[dict]:
 
     grid = _ints(args.grid)
     rows = []
-    layouts = {"fused": (True,), "separate": (False,), "both": (False, True)}[args.proj]
+    layouts = {"fused": (True,), "separate": (False,), "both": (False, True)}[args.proj or "separate"]
     for backend, fused in ((b, f) for b in ("sdpa", "vsa") for f in layouts):
         cfg = DiTConfig.from_name(args.model, attn_backend=backend, vsa_sparsity=args.sparsity,
                                   vsa_tile=_ints(args.tile), fused_proj=fused)
@@ -163,6 +163,8 @@ def vsa_main(argv: list[str]) -> int:
     if args.profile_steps < 0 or (args.profile_steps and not args.model):
         parser.error(f"--profile-steps {args.profile_steps}: must be >= 0, and > 0 only with --model "
                      "(it profiles the training steps)")
+    if args.proj is not None and not args.model:
+        parser.error(f"--proj {args.proj}: only with --model (it picks the training step's projection layout)")
     if not torch.cuda.is_available():
         print("sinkfree bench vsa: error: needs a CUDA GPU (benchmarks are measured on H100/H200)", file=sys.stderr)
         return 2

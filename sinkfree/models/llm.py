@@ -73,7 +73,7 @@ class LLMConfig:
     attn_gate_identity_init: bool = False
     """Start the gate as exactly 1 (zero weights, 2*sigmoid): for retrofitting a trained model."""
     fused_proj: bool = True
-    """One GEMM for the attention's input projections (q, k, v, the output gate's, VSA's gate_compress) and one
+    """One GEMM for the attention's input projections (q, k, v and the output gate's) and one
     for SwiGLU's gate/up, over their weights concatenated at each step; same parameters and checkpoints. False:
     one GEMM per projection (measured slower: docs/switches/attn_gate.md)."""
     attn_sink: str = "none"
