@@ -18,7 +18,7 @@ SWITCHES = [
     {"residual_sink": "gatednorm", "gatednorm_identity_init": True, "attn_gate": "elementwise",
      "attn_gate_identity_init": True},
     {"norm": "dyt", "fused_proj": False},
-    {"residual_sink": "gatednorm", "attn_gate": "elementwise", "attn_bias": True},
+    {"residual_sink": "gatednorm", "attn_gate": "elementwise", "attn_bias": True, "gatednorm_kernel": "triton_gate"},
     {"norm": "identity", "attn_softmax": "sigmoid", "attn_backend": "eager", "attn_logit_clip": 30.0},
 ]
 

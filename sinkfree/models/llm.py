@@ -87,8 +87,9 @@ class LLMConfig:
     gatednorm_identity_init: bool = False
     """Start GatedNorm as exactly RMSNorm (W_up = 0, 2*sigmoid): for retrofits."""
     gatednorm_kernel: str = "torch"
-    """GatedNorm implementation: torch (compiled by Inductor; the fastest measured), triton (the fused
-    sinkfree_kernels op on CUDA, slower today: docs/switches/residual_sink.md)."""
+    """GatedNorm implementation: torch (compiled by Inductor), triton_gate (torch norm and down-projection,
+    the gate's up-projection, sigmoid and product as one Triton op on CUDA), triton (the whole norm as one
+    sinkfree_kernels op on CUDA, slower today): docs/switches/residual_sink.md."""
     norm: str = "rmsnorm"
     """Residual-side norm: rmsnorm, zero_centered ((1+w), keeps weight decay), dyt or identity (ablations)."""
     attn_softmax: str = "softmax"

@@ -11,7 +11,8 @@ from sinkfree.nn.params import no_weight_decay
 
 NORM_KINDS = ("rmsnorm", "zero_centered", "dyt", "identity")
 RESIDUAL_SINK_KINDS = ("none", "preaffine", "gatednorm")
-GATEDNORM_KERNELS = ("torch", "triton")
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton kernels run on CPU tensors (tests)
+GATEDNORM_KERNELS = ("torch", "triton_gate", "triton")
 
 
 def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -101,7 +102,10 @@ class GatedNorm(RMSNorm):
     """y = RMSNorm(x); y · gate_scale · σ(W_up SiLU(W_down y)) with a rank-r bottleneck.
 
     kernel: "torch" (the PyTorch path below, compiled by Inductor in the recipes; the reference, and what runs on
-    CPU); "triton": on CUDA the fused op `sinkfree::gated_norm_fwd` / `_bwd` (sinkfree_kernels.gated_norm), also
+    CPU); "triton_gate": the norm and the down-projection as in "torch", the gate's up-projection, sigmoid and
+    product as the Triton op `sinkfree::gate_up_fwd` / `_bwd` (sinkfree_kernels.gate_up: the (N, C) pre-activation
+    and its gradient stay in registers) on CUDA or under TRITON_INTERPRET=1, else the torch path; "triton": on
+    CUDA the whole norm as the fused op `sinkfree::gated_norm_fwd` / `_bwd` (sinkfree_kernels.gated_norm), also
     for every GatedNorm with SINKFREE_FUSED_GATEDNORM=1 (measured slower than the compiled PyTorch path on an H200:
     0.822x vs 0.895x of the baseline's tokens/s for 125m-gated, see kernels/NOTES.md).
 
@@ -145,6 +149,11 @@ class GatedNorm(RMSNorm):
             y = self._norm(x).to(torch.get_autocast_dtype(dev))
         else:
             y = super().forward(x)
+        if self.kernel == "triton_gate" and (y.is_cuda or _INTERPRET):
+            from sinkfree_kernels.gate_up import gate_up
+
+            h = F.silu(self.gate_down(y))
+            return gate_up(y, h, self.gate_up.weight.to(h.dtype), self.gate_scale)
         return y * self.gate(y)
 
     def extra_repr(self) -> str:
