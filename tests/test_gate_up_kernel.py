@@ -6,10 +6,25 @@ import pytest
 import torch
 
 from sinkfree.nn.norms import GatedNorm
+from sinkfree_kernels import gate_up as gate_up_mod
 from sinkfree_kernels.gate_up import gate_up, gate_up_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")
 OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+@pytest.fixture(params=[(False, False), (True, True)], ids=["dot", "fma-prefetch"])
+def fma_u(request):
+    """Both ways of forming u = h W_upᵀ (tl.dot, rank-1 updates), and the backward with and without prefetching
+    the next chunk: the interpreter's single config of each kernel is switched for the test."""
+    fma, prefetch = request.param
+    fwd, bwd = gate_up_mod._gate_fwd.configs[0].kwargs, gate_up_mod._gate_bwd.configs[0].kwargs
+    saved = dict(fwd), dict(bwd)
+    fwd["FMA_U"] = bwd["FMA_U"] = fma
+    bwd["PREFETCH"] = prefetch
+    yield request.param
+    fwd.update(saved[0])
+    bwd.update(saved[1])
 
 
 def _inputs(n, c, r, dtype, device="cpu", seed=0):
@@ -29,7 +44,7 @@ def _inputs(n, c, r, dtype, device="cpu", seed=0):
     (5, 1100, 20, torch.float32, 2.0),
     (129, 48, 64, torch.float16, 1.0),
 ])
-def test_matches_fp32_reference(n, c, r, dtype, scale):
+def test_matches_fp32_reference(n, c, r, dtype, scale, fma_u):
     y, h, w = _inputs(n, c, r, dtype)
     out = gate_up(y, h, w, scale)
     yr, hr, wr = (t.detach().float().requires_grad_() for t in (y, h, w))
@@ -47,7 +62,7 @@ def test_matches_fp32_reference(n, c, r, dtype, scale):
         assert rel < (1e-5 if dtype == torch.float32 else 5e-3), f"d{name}: rel err {rel:.2e}"
 
 
-def test_leading_dims_and_strided_inputs():
+def test_leading_dims_and_strided_inputs(fma_u):
     """(B, S, C) inputs; h a column slice of a wider tensor (row stride > r); dout not contiguous."""
     y, _, w = _inputs(2 * 45, 96, 16, torch.float32)
     y3 = y.detach().view(2, 45, 96).requires_grad_()
@@ -61,6 +76,27 @@ def test_leading_dims_and_strided_inputs():
     want = torch.autograd.grad(ref, (y3, wide, w), dout)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grid", ["16,1", "32,2", "64,5", "128,3"])
+def test_backward_grids(monkeypatch, fma_u, grid):
+    """Rows per backward program and column groups (SINKFREE_GATE_BWD): groups that split C unevenly, more groups
+    than chunks (empty groups), one partial row block."""
+    monkeypatch.setenv("SINKFREE_GATE_BWD", grid)
+    y, h, w = _inputs(70, 200, 16, torch.float32)
+    out = gate_up(y, h, w, 2.0)
+    dout = torch.randn(70, 200)
+    got = torch.autograd.grad(out, (y, h, w), dout)
+    yr, hr, wr = (t.detach().requires_grad_() for t in (y, h, w))
+    want = torch.autograd.grad(gate_up_reference(yr, hr, wr, 2.0), (yr, hr, wr), dout)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_bad_backward_grid(monkeypatch):
+    monkeypatch.setenv("SINKFREE_GATE_BWD", "100,2")
+    with pytest.raises(ValueError, match="SINKFREE_GATE_BWD"):
+        gate_up_mod.bwd_grid()
 
 
 def test_opcheck():
