@@ -75,12 +75,15 @@ for s in "$@"; do
     bench-lm)  # issue 2: the gated recipe's tokens/s against the baseline, one process
         stage lm 420 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
             --steps 300 --skip 50 --profile-steps 3 --json $OUT/lm.json" ;;
-    bench-lm-gn)  # issue 2: GatedNorm as the compiled torch path and as the fused Triton op, against the baseline
-        # in one process (~6 minutes)
-        sed "s/^\(\s*\)residual_sink: gatednorm/\1residual_sink: gatednorm\n\1gatednorm_kernel: triton/" \
-            recipes/llm/125m-gated.yaml > "$OUT/125m-gated-triton.yaml"
+    bench-lm-gn)  # issue 2: GatedNorm as the recipe's triton_gate op, the compiled torch path and the whole-norm Triton
+        # op, against the baseline in one process (~6 minutes)
+        for k in torch triton; do
+            sed "s/^\(\s*\)gatednorm_kernel: triton_gate.*/\1gatednorm_kernel: $k/" recipes/llm/125m-gated.yaml \
+                > "$OUT/125m-gated-$k.yaml"
+        done
         stage lm-gn 560 bash -c "sf bench lm recipes/llm/125m-baseline.yaml recipes/llm/125m-gated.yaml \
-            $OUT/125m-gated-triton.yaml --steps 200 --skip 50 --profile-steps 3 --json $OUT/lm-gn.json" ;;
+            $OUT/125m-gated-torch.yaml $OUT/125m-gated-triton.yaml --steps 200 --skip 50 --profile-steps 3 \
+            --json $OUT/lm-gn.json" ;;
     bench-lm-fused)  # issue 2: fused_proj (the default: one GEMM for q/k/v/gate, one for gate/up) against separate
         # projections (fused_proj: false), both recipes, one process (~8 minutes)
         for r in baseline gated; do

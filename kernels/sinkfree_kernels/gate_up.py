@@ -7,21 +7,20 @@ Here u and du live only in registers:
 
 - forward (`_gate_fwd`), one program per (BLOCK_M rows, BLOCK_C columns) tile: u = h W_upᵀ with one tl.dot over
   K = r (padded to 16), out = y · gate_scale · σ(u) rounded once to y's dtype. Reads y and h, writes out.
-- backward (`_gate_bwd`), one program per BLOCK_M rows and column group (`bwd_grid`), looping over the group's
-  column chunks: recompute u, σ;
+- backward (`_gate_bwd`), one program per BLOCK_M_BWD rows, looping over column chunks: recompute u, σ;
   dy = dout · gate_scale · σ (stored); du = dout · y · gate_scale · σ(1 − σ) (rounded to the matmul dtype, as
-  the GEMMs of the PyTorch path get it); dh += du W_up, its partial over the group's columns to a (groups, N, r)
-  fp32 buffer; this block's dW_up partial duᵀ h (BLOCK_C, r) to an (n_blocks, C, r) fp32 buffer; torch sums both
-  (deterministic, no atomics). Reads dout, y, h, writes dy.
+  the GEMMs of the PyTorch path get it); dh += du W_up; this block's dW_up partial duᵀ h (BLOCK_C, r) goes to
+  an (n_blocks, C, r) fp32 buffer that torch sums (deterministic, no atomics). Reads dout, y, h, writes dy, dh.
 
 The RMSNorm, the down-projection, SiLU and their backward stay in PyTorch (Inductor fuses them with the residual
 stream); the earlier whole-norm op (`gated_norm.py`) lost to Inductor because it hid those from it.
 The ops are `torch.library.triton_op`s, so a compiled graph calls the kernels directly and fuses the partial
-sum and casts around them (custom ops under the interpreter, see `_op`). Operands of the dots are in h's dtype (the autocast dtype under autocast), fp32
-accumulation; fp32 inputs use IEEE dots.
+sum and casts around them (custom ops under the interpreter, see `_op`). Operands of the dots are in h's dtype
+(the autocast dtype under autocast), fp32 accumulation; fp32 inputs use IEEE dots.
+Measured variants (kernels/NOTES.md "GatedNorm gate op"): u by rank-1 FMA updates instead of tl.dot (2x slower
+backward, never picked forward), column groups with per-group dh partials, prefetching the next chunk, 64/256
+rows per backward program: none beat this layout on an H200.
 """
-
-import os
 
 import torch
 import triton
@@ -36,125 +35,77 @@ _op = custom_op if INTERPRET else triton_op
 _wrap = (lambda kernel: kernel) if INTERPRET else wrap_triton
 
 MAX_RANK = 64
-BWD_GRID = (128, 3)  # backward rows per program and column groups: fixed (they size the partial buffers)
-
-
-def bwd_grid() -> tuple[int, int]:
-    """(rows per backward program, column groups): SINKFREE_GATE_BWD="BLOCK_M,GROUPS" overrides BWD_GRID."""
-    v = os.environ.get("SINKFREE_GATE_BWD", "").strip()
-    if not v:
-        return BWD_GRID
-    try:
-        bm, groups = (int(t) for t in v.split(","))
-        assert bm in (16, 32, 64, 128, 256) and groups >= 1
-    except (ValueError, AssertionError):
-        raise ValueError(f"SINKFREE_GATE_BWD={v!r}: want 'BLOCK_M,GROUPS' with BLOCK_M one of 16, 32, 64, 128, "
-                         "256 and GROUPS >= 1") from None
-    return bm, groups
-FMA_MODES = (False, True)  # u by tl.dot / by rank-1 updates: both autotuned in the forward (the interpreter runs
-# one config of each kernel; tests switch FMA_U and PREFETCH through the config's kwargs)
+BLOCK_M_BWD = 128  # rows per backward program: fixed, since it sizes the dW_up partial buffer (128 was fastest)
 
 
 def _fwd_configs():
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_C": 32, "FMA_U": False}, num_warps=4, num_stages=1)]
-    specs = [(64, 128, 4, 2), (128, 128, 8, 2), (64, 256, 8, 2), (128, 64, 4, 2), (128, 256, 8, 2), (32, 256, 4, 2)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc, "FMA_U": f}, num_warps=w, num_stages=s)
-            for bm, bc, w, s in specs for f in FMA_MODES]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_C": 32}, num_warps=4, num_stages=1)]
+    specs = [(32, 128, 4, 2), (64, 128, 8, 1), (64, 128, 4, 2), (32, 256, 8, 2), (128, 128, 8, 2), (32, 64, 4, 1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=s) for bm, bc, w, s in specs]
 
 
 def _bwd_configs():
     if INTERPRET:
-        return [triton.Config({"BLOCK_C": 32, "FMA_U": False, "PREFETCH": False}, num_warps=4, num_stages=1)]
-    specs = [(32, 4, 3), (32, 8, 3), (32, 8, 4), (64, 4, 3), (64, 8, 3), (64, 8, 2)]
-    return [triton.Config({"BLOCK_C": bc, "FMA_U": False, "PREFETCH": p}, num_warps=w, num_stages=s)
-            for bc, w, s in specs for p in (False, True)]
+        return [triton.Config({"BLOCK_C": 32}, num_warps=4, num_stages=1)]
+    specs = [(32, 8, 3), (32, 4, 3), (32, 8, 4), (64, 4, 3), (64, 8, 3)]
+    return [triton.Config({"BLOCK_C": bc}, num_warps=w, num_stages=s) for bc, w, s in specs]
 
 
 @triton.jit
-def _pre_activation(h_ptr, w_ptr, rows64, cols, rk, rmask, cmask, kmask, stride_h, R: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
-                    FMA_U: tl.constexpr):
-    """u = h W_upᵀ for a (BLOCK_M, BLOCK_C) tile, fp32: one tl.dot over the padded rank, or (FMA_U) R rank-1
-    updates in the tile's own layout (no MMA-layout conversion of the tile; exact products of 16-bit inputs)."""
-    if FMA_U:
-        u = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-        for k in tl.static_range(R):
-            hk = tl.load(h_ptr + rows64 * stride_h + k, mask=rmask, other=0.0).to(tl.float32)
-            wk = tl.load(w_ptr + cols * R + k, mask=cmask, other=0.0).to(tl.float32)
-            u += hk[:, None] * wk[None, :]
-    else:
-        h = tl.load(h_ptr + rows64[:, None] * stride_h + rk[None, :], mask=rmask[:, None] & kmask[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * R + rk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-        u = tl.dot(h, tl.trans(w), input_precision=PREC)
-    return u
+def _pre_activation(h, w_ptr, cols, rk, cmask, kmask, R: tl.constexpr, PREC: tl.constexpr):
+    """u = h W_upᵀ (fp32) for the rows of h (BLOCK_M, BLOCK_R) and the columns `cols`; also returns the W_up
+    tile (BLOCK_C, BLOCK_R), zero outside C and r."""
+    w = tl.load(w_ptr + cols[:, None] * R + rk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+    return tl.dot(h, tl.trans(w), input_precision=PREC), w
 
 
 @triton.autotune(configs=_fwd_configs(), key=["C", "BLOCK_R", "N_BUCKET"])
 @triton.jit
 def _gate_fwd(y_ptr, h_ptr, w_ptr, out_ptr, N, C, R: tl.constexpr, stride_y, stride_h, stride_o, gate_scale, N_BUCKET,
-              BLOCK_R: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-              FMA_U: tl.constexpr):
+              BLOCK_R: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     rk = tl.arange(0, BLOCK_R)
     rmask, cmask, kmask = rows < N, cols < C, rk < R
     rows64 = rows.to(tl.int64)
-    u = _pre_activation(h_ptr, w_ptr, rows64, cols, rk, rmask, cmask, kmask, stride_h, R, BLOCK_M, BLOCK_C,
-                        BLOCK_R, PREC, FMA_U)
+    h = tl.load(h_ptr + rows64[:, None] * stride_h + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+    u, _ = _pre_activation(h, w_ptr, cols, rk, cmask, kmask, R, PREC)
     m2 = rmask[:, None] & cmask[None, :]
     y = tl.load(y_ptr + rows64[:, None] * stride_y + cols[None, :], mask=m2, other=0.0)
     out = y.to(tl.float32) * (gate_scale * tl.sigmoid(u))
     tl.store(out_ptr + rows64[:, None] * stride_o + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["C", "BLOCK_R", "N_BUCKET", "BLOCK_M", "COL_GROUPS"])
+@triton.autotune(configs=_bwd_configs(), key=["C", "BLOCK_R", "N_BUCKET"])
 @triton.jit
-def _gate_bwd(do_ptr, y_ptr, h_ptr, w_ptr, dy_ptr, dhp_ptr, dwp_ptr, N, C, R: tl.constexpr, stride_do, stride_y,
-              stride_h, stride_dy, gate_scale, N_BUCKET, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
-              BLOCK_M: tl.constexpr, COL_GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, FMA_U: tl.constexpr,
-              PREFETCH: tl.constexpr):
-    """Program (i, j): rows [i·BLOCK_M, +BLOCK_M) and the j-th of COL_GROUPS column groups (whole BLOCK_C chunks).
-    Writes dy for its tile, its rows' dh partial over its columns to dhp[j] (fp32), and its columns' dW_up partial
-    over its rows to dwp[i] (fp32). PREFETCH loads the next chunk's dout and y before working on this one."""
-    pid, grp = tl.program_id(0), tl.program_id(1)
-    span = tl.cdiv(tl.cdiv(C, COL_GROUPS), BLOCK_C) * BLOCK_C
-    c_lo = grp * span
-    c_hi = tl.minimum(C, c_lo + span)
+def _gate_bwd(do_ptr, y_ptr, h_ptr, w_ptr, dy_ptr, dh_ptr, dwp_ptr, N, C, R: tl.constexpr, stride_do, stride_y,
+              stride_h, stride_dy, stride_dh, gate_scale, N_BUCKET, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_R)
     rmask, kmask = rows < N, rk < R
     rows64 = rows.to(tl.int64)
     h = tl.load(h_ptr + rows64[:, None] * stride_h + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
     dh = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    cols = c_lo + tl.arange(0, BLOCK_C)
-    m2 = rmask[:, None] & (cols < c_hi)[None, :]
-    do_next = tl.load(do_ptr + rows64[:, None] * stride_do + cols[None, :], mask=m2, other=0.0)
-    y_next = tl.load(y_ptr + rows64[:, None] * stride_y + cols[None, :], mask=m2, other=0.0)
-    for c0 in range(c_lo, c_hi, BLOCK_C):
+    for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        cmask = cols < c_hi
+        cmask = cols < C
+        u, w = _pre_activation(h, w_ptr, cols, rk, cmask, kmask, R, PREC)
+        s = tl.sigmoid(u)
         m2 = rmask[:, None] & cmask[None, :]
-        if PREFETCH:
-            do, y = do_next.to(tl.float32), y_next.to(tl.float32)
-            m_n = rmask[:, None] & (cols + BLOCK_C < c_hi)[None, :]
-            do_next = tl.load(do_ptr + rows64[:, None] * stride_do + (cols + BLOCK_C)[None, :], mask=m_n, other=0.0)
-            y_next = tl.load(y_ptr + rows64[:, None] * stride_y + (cols + BLOCK_C)[None, :], mask=m_n, other=0.0)
-        else:
-            do = tl.load(do_ptr + rows64[:, None] * stride_do + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            y = tl.load(y_ptr + rows64[:, None] * stride_y + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        wmask = cmask[:, None] & kmask[None, :]
-        w = tl.load(w_ptr + cols[:, None] * R + rk[None, :], mask=wmask, other=0.0)  # (BLOCK_C, BLOCK_R)
-        s = tl.sigmoid(_pre_activation(h_ptr, w_ptr, rows64, cols, rk, rmask, cmask, kmask, stride_h, R, BLOCK_M,
-                                       BLOCK_C, BLOCK_R, PREC, FMA_U))
+        do = tl.load(do_ptr + rows64[:, None] * stride_do + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + rows64[:, None] * stride_y + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         g = gate_scale * s
         tl.store(dy_ptr + rows64[:, None] * stride_dy + cols[None, :], (do * g).to(dy_ptr.dtype.element_ty), mask=m2)
         du = (do * y * g * (1.0 - s)).to(h.dtype)  # zero outside the rows and columns (do is)
         dh += tl.dot(du, w, input_precision=PREC)
         dwp = tl.dot(tl.trans(du), h, input_precision=PREC)  # (BLOCK_C, BLOCK_R)
-        tl.store(dwp_ptr + (pid * C + cols[:, None]).to(tl.int64) * R + rk[None, :], dwp, mask=wmask)
-    tl.store(dhp_ptr + (grp * N + rows64[:, None]) * R + rk[None, :], dh, mask=rmask[:, None] & kmask[None, :])
+        tl.store(dwp_ptr + (pid * C + cols[:, None]).to(tl.int64) * R + rk[None, :], dwp,
+                 mask=cmask[:, None] & kmask[None, :])
+    tl.store(dh_ptr + rows64[:, None] * stride_dh + rk[None, :], dh.to(dh_ptr.dtype.element_ty),
+             mask=rmask[:, None] & kmask[None, :])
 
 
 def _prec(dtype):
@@ -194,16 +145,15 @@ def gate_up_bwd(dout: torch.Tensor, y: torch.Tensor, h: torch.Tensor, w_up: torc
     do2, y2, h2, w = _rows(dout, c), _rows(y, c), _rows(h, r), w_up.contiguous()
     n = y2.shape[0]
     dy = torch.empty((n, c), dtype=y.dtype, device=y.device)
-    block_m, groups = bwd_grid()
-    n_blocks = triton.cdiv(n, block_m)
-    dhp = torch.empty((groups, n, r), dtype=torch.float32, device=y.device)
+    dh = torch.empty((n, r), dtype=h.dtype, device=h.device)
+    n_blocks = triton.cdiv(n, BLOCK_M_BWD)
     dwp = torch.empty((n_blocks, c, r), dtype=torch.float32, device=y.device)
     if n > 0:
-        _wrap(_gate_bwd)[(n_blocks, groups)](do2, y2, h2, w, dy, dhp, dwp, n, c, r, do2.stride(0), y2.stride(0),
-                                             h2.stride(0), dy.stride(0), gate_scale, _bucket(n),
-                                             BLOCK_R=max(16, triton.next_power_of_2(r)), PREC=_prec(h.dtype),
-                                             BLOCK_M=block_m, COL_GROUPS=groups)
-    return dy.view(y.shape), dhp.sum(0).to(h.dtype).view(h.shape), dwp.sum(0).to(w_up.dtype)
+        _wrap(_gate_bwd)[(n_blocks,)](do2, y2, h2, w, dy, dh, dwp, n, c, r, do2.stride(0), y2.stride(0),
+                                      h2.stride(0), dy.stride(0), dh.stride(0), gate_scale, _bucket(n),
+                                      BLOCK_R=max(16, triton.next_power_of_2(r)), PREC=_prec(h.dtype),
+                                      BLOCK_M=BLOCK_M_BWD)
+    return dy.view(y.shape), dh.view(h.shape), dwp.sum(0).to(w_up.dtype)
 
 
 @gate_up_fwd.register_fake
