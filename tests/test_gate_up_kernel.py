@@ -5,6 +5,7 @@ partial column chunks, ranks are padded (8, 20 -> 16/32) or exact (16, 64)."""
 import pytest
 import torch
 
+from sinkfree.nn import norms
 from sinkfree.nn.norms import GatedNorm
 from sinkfree_kernels import gate_up as gate_up_mod
 from sinkfree_kernels.gate_up import gate_up, gate_up_reference
@@ -78,6 +79,13 @@ def test_backward_row_blocks(monkeypatch, block_m):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
 
 
+def test_gatednorm_rejects_ranks_the_op_cannot_take():
+    assert gate_up_mod.MAX_RANK == norms.GATE_OP_MAX_RANK
+    with pytest.raises(ValueError, match="gatednorm_kernel='triton_gate' supports gatednorm_rank <= 64, got 65"):
+        GatedNorm(96, rank=65, kernel="triton_gate")
+    GatedNorm(96, rank=65)  # the torch path takes any rank
+
+
 def test_opcheck():
     y, h, w = _inputs(20, 64, 16, torch.float32)
     torch.library.opcheck(torch.ops.sinkfree.gate_up_fwd.default, (y, h, w, 2.0), test_utils=OPCHECK_TESTS)
@@ -94,7 +102,10 @@ def test_rejects_bad_input():
 
 
 @pytest.mark.parametrize("identity", [False, True])
-def test_gatednorm_triton_gate_matches_torch(identity):
+def test_gatednorm_triton_gate_matches_torch(monkeypatch, identity):
+    calls = []
+    real = gate_up_mod.gate_up
+    monkeypatch.setattr(gate_up_mod, "gate_up", lambda *a: calls.append(a) or real(*a))
     torch.manual_seed(0)
     ref = GatedNorm(96, rank=16, identity_init=identity)
     with torch.no_grad():
@@ -106,6 +117,7 @@ def test_gatednorm_triton_gate_matches_torch(identity):
     x[..., 7] += 60.0
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_ref, out = ref(xa), tg(xb)
+    assert len(calls) == 1  # the triton_gate module went through the op (the torch one did not)
     torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
     dout = torch.randn_like(out)
     (out_ref * dout).sum().backward()
@@ -120,9 +132,16 @@ def test_gatednorm_triton_gate_traces_fullgraph():
     torch._dynamo.reset()
     torch.manual_seed(1)
     norm = GatedNorm(64, rank=16, kernel="triton_gate")
-    compiled = torch.compile(norm, backend="aot_eager", fullgraph=True)
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
+
+    compiled = torch.compile(norm, backend=backend, fullgraph=True)
     x = torch.randn(3, 17, 64, requires_grad=True)
     out = compiled(x)
+    assert len(graphs) == 1 and any("gate_up_fwd" in str(n.target) for n in graphs[0].graph.nodes)
     want = GatedNorm(64, rank=16)
     want.load_state_dict(norm.state_dict())
     xr = x.detach().clone().requires_grad_()

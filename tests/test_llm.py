@@ -190,7 +190,7 @@ def test_tile_options_reach_every_layer():
 
 def test_gatednorm_kernel_reaches_every_norm(monkeypatch):
     monkeypatch.setattr(GatedNorm, "fused", False)  # the class default (SINKFREE_FUSED_GATEDNORM unset)
-    for kernel, fused in (("torch", False), ("triton", True)):
+    for kernel, fused in (("torch", False), ("triton_gate", False), ("triton", True)):
         norms = [m for m in LLM(tiny(residual_sink="gatednorm", gatednorm_kernel=kernel)).modules()
                  if isinstance(m, GatedNorm)]
         assert len(norms) == 2 * 2 + 1 and all(m.fused is fused and m.kernel == kernel for m in norms)

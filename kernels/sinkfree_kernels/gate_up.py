@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, triton_op, wrap_triton
 
-from ._tuning import INTERPRET
+from ._tuning import INTERPRET, seq_bucket
+from .gated_norm import _prec, _rows
 
 # Under TRITON_INTERPRET=1 wrap_triton hands back the raw kernel, so tracing a triton_op would run the interpreter on
 # fake tensors: there the ops are opaque custom ops (same kernels, fake functions and autograd), elsewhere triton_ops.
@@ -108,19 +109,6 @@ def _gate_bwd(do_ptr, y_ptr, h_ptr, w_ptr, dy_ptr, dh_ptr, dwp_ptr, N, C, R: tl.
              mask=rmask[:, None] & kmask[None, :])
 
 
-def _prec(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _rows(t, c):
-    t2 = t.reshape(-1, c)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
-def _bucket(n):
-    return 1 << max(int(n) - 1, 1).bit_length()
-
-
 @_op("sinkfree::gate_up_fwd", mutates_args={})
 def gate_up_fwd(y: torch.Tensor, h: torch.Tensor, w_up: torch.Tensor, gate_scale: float) -> torch.Tensor:
     """out = y · gate_scale · σ(h W_upᵀ): y (..., C), h (..., r), w_up (C, r) in h's dtype; out like y."""
@@ -132,7 +120,7 @@ def gate_up_fwd(y: torch.Tensor, h: torch.Tensor, w_up: torch.Tensor, gate_scale
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
         _wrap(_gate_fwd)[grid](y2, h2, w, out, n, c, r, y2.stride(0), h2.stride(0), out.stride(0),
-                                     gate_scale, _bucket(n), BLOCK_R=max(16, triton.next_power_of_2(r)),
+                                     gate_scale, seq_bucket(n), BLOCK_R=max(16, triton.next_power_of_2(r)),
                                      PREC=_prec(h.dtype))
     return out.view(y.shape)
 
@@ -150,7 +138,7 @@ def gate_up_bwd(dout: torch.Tensor, y: torch.Tensor, h: torch.Tensor, w_up: torc
     dwp = torch.empty((n_blocks, c, r), dtype=torch.float32, device=y.device)
     if n > 0:
         _wrap(_gate_bwd)[(n_blocks,)](do2, y2, h2, w, dy, dh, dwp, n, c, r, do2.stride(0), y2.stride(0),
-                                      h2.stride(0), dy.stride(0), dh.stride(0), gate_scale, _bucket(n),
+                                      h2.stride(0), dy.stride(0), dh.stride(0), gate_scale, seq_bucket(n),
                                       BLOCK_R=max(16, triton.next_power_of_2(r)), PREC=_prec(h.dtype),
                                       BLOCK_M=BLOCK_M_BWD)
     return dy.view(y.shape), dh.view(h.shape), dwp.sum(0).to(w_up.dtype)

@@ -13,6 +13,7 @@ NORM_KINDS = ("rmsnorm", "zero_centered", "dyt", "identity")
 RESIDUAL_SINK_KINDS = ("none", "preaffine", "gatednorm")
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton kernels run on CPU tensors (tests)
 GATEDNORM_KERNELS = ("torch", "triton_gate", "triton")
+GATE_OP_MAX_RANK = 64  # the largest rank sinkfree_kernels.gate_up takes (its MAX_RANK; a test keeps them equal)
 
 
 def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -119,6 +120,9 @@ class GatedNorm(RMSNorm):
             raise ValueError(f"gatednorm_kernel={kernel!r} is not one of {list(GATEDNORM_KERNELS)}")
         self.zero_centered = zero_centered
         super().__init__(dim, eps)
+        if kernel == "triton_gate" and rank > GATE_OP_MAX_RANK:
+            raise ValueError(f"gatednorm_kernel='triton_gate' supports gatednorm_rank <= {GATE_OP_MAX_RANK}, got "
+                             f"{rank}; use gatednorm_kernel 'torch' for larger ranks")
         self.kernel = kernel
         if kernel == "triton":
             self.fused = True  # instance attribute: this norm uses the Triton op on CUDA
